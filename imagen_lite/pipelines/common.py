@@ -1,0 +1,121 @@
+"""Small functions both pipeline families call: input checks, per-stage settings, tokenising
+with a truncation warning, post-processing, and the fp16 NaN guard.
+
+Kept as functions (not a base class) so each pipeline file reads top to bottom on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger("imagen_lite")
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def check_prompt(prompt, name: str = "prompt") -> list[str]:
+    """A non-empty string or non-empty list of non-empty strings -> list[str]."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError(f"{name}={prompt!r} is not valid; pass a non-empty string or a non-empty list of strings")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise ValueError(f"{name} must contain only strings, got {p!r} of type {type(p).__name__}")
+        if not p.strip():
+            raise ValueError(f"{name}={p!r} is empty; pass a non-empty string")
+    return list(prompts)
+
+
+def per_stage(value, stages: Sequence[str], name: str, *, kind: str) -> tuple:
+    """Expand one value or a tuple (one per stage) into a tuple of ``len(stages)`` checked values.
+
+    ``kind="steps"``: positive ints. ``kind="guidance"``: floats >= 0. A tuple shorter than
+    ``stages`` is an error (it would leave a stage undefined); a longer one is allowed, so
+    a preset's 3-stage defaults serve a call that runs only the base.
+    """
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * len(stages)
+    if len(values) < len(stages):
+        raise ValueError(
+            f"{name}={value!r} gives {len(values)} value(s) but this call runs {len(stages)} stage(s) "
+            f"{tuple(stages)}; pass one value or one per stage"
+        )
+    out = []
+    for stage, v in zip(stages, values):
+        if kind == "steps":
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} for stage {stage!r} is {v!r}; it must be a positive integer")
+            out.append(int(v))
+        else:
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v) or v < 0:
+                raise ValueError(f"{name} for stage {stage!r} is {v!r}; it must be a number >= 0")
+            out.append(float(v))
+    return tuple(out)
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type={output_type!r} is not valid; use one of {OUTPUT_TYPES}")
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int):
+    """Pad to ``max_length``; warn (naming what was cut) when a prompt is longer."""
+    inputs = tokenizer(
+        texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True, return_tensors="pt"
+    )
+    untruncated = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+    if untruncated.shape[-1] > inputs.input_ids.shape[-1]:
+        removed = tokenizer.batch_decode(untruncated[:, max_length - 1 : -1])
+        logger.warning(
+            "The following part of your input was truncated because the text encoder takes at most %d tokens: %s",
+            max_length,
+            removed,
+        )
+    return inputs
+
+
+def postprocess(x: torch.Tensor, output_type: str):
+    """(N, 3, H, W) in [-1, 1] -> PIL list / float array in [0, 1] / the raw tensor."""
+    if output_type == "pt":
+        return x
+    arr = (x / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return arr
+    return [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
+
+
+@contextmanager
+def timed(store: dict, name: str):
+    start = time.perf_counter()
+    yield
+    store[name] = store.get(name, 0.0) + time.perf_counter() - start
+
+
+def run_finite(stage: str, fn: Callable[[], torch.Tensor], modules: list, generator=None) -> torch.Tensor:
+    """Run ``fn``; if a half-precision result holds NaN/inf, re-run the stage in float32.
+
+    The offending ``modules`` are upcast to float32 (and stay so for later calls, with a
+    warning naming them), and the generator is restored to its state before the first try, so
+    the rerun draws the same noise.
+    """
+    state = generator.get_state() if isinstance(generator, torch.Generator) else None
+    out = fn()
+    if torch.isfinite(out).all() or out.dtype == torch.float32:
+        return out
+    names = [type(m).__name__ for m in modules if m is not None]
+    logger.warning("stage %r produced NaN/inf in %s; re-running it in float32 (%s upcast)", stage, out.dtype, names)
+    import warnings
+
+    warnings.warn(f"stage {stage!r} produced NaN/inf in {out.dtype}; re-ran it with {names} in float32", RuntimeWarning)
+    for m in modules:
+        if m is not None:
+            m.to(torch.float32)
+    if state is not None:
+        generator.set_state(state)
+    return fn()

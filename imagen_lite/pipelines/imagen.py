@@ -1,0 +1,316 @@
+"""Imagen-style cascade: T5 text encoder -> 64px base UNet -> super-resolution UNet(s).
+
+The family of Imagen (Saharia et al. 2022) and DeepFloyd IF. Compare with ``unclip.py``:
+
+| | Imagen (this file) | DALL-E 2 (unclip.py) |
+|---|---|---|
+| text encoder | T5 encoder, all token states | CLIP text tower, pooled embedding + token states |
+| prior | none | PriorTransformer: text embedding -> CLIP image embedding |
+| base conditioning | cross-attention on T5 tokens, pooled text added to the time embedding (``encoder_hid_dim``, ``addition_embed_type="text"``) | CLIP image embedding projected into the time embedding and into extra context tokens |
+| super-resolution | bilinear upsample + noise-conditioning augmentation, noise level as ``class_labels`` | the same |
+
+Components (registered, so ``save_pretrained``/``from_pretrained``/``.to()``/offloading work as
+in diffusers): ``tokenizer``, ``text_encoder``, ``unet`` + ``scheduler`` (base), and
+optionally ``sr_unet`` + ``sr_scheduler`` (64->256), ``sr_unet_2`` + ``sr_scheduler_2``
+(256->1024), with ``image_noising_scheduler`` for the augmentation. The UNets are plain
+diffusers ``UNet2DConditionModel``s, so DeepFloyd IF's stage I/II weights load unchanged.
+
+Pipeline config (saved in ``model_index.json``):
+- ``unshuffle_factor``: the base UNet runs on ``r x r`` pixel patches (space-to-depth), e.g.
+  12x32x32 for a 64px image with r=2 -- 2.6x cheaper for the embedded default on CPU.
+  IF uses 1.
+- ``max_sequence_length``: tokens given to T5 (IF trained with 77).
+
+The denoising math is :func:`imagen_lite.sampling.denoise`, shared with the unCLIP family; this
+file reproduces diffusers' ``IFPipeline`` + ``IFSuperResolutionPipeline`` draw for draw, which
+``tests/test_imagen_equivalence.py`` checks.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+from .. import sampling
+from .common import check_output_type, check_prompt, per_stage, postprocess, run_finite, timed, tokenize
+from .output import ImageLiteOutput
+
+
+class ImagenPipeline(DiffusionPipeline):
+    """T5 -> base 64px -> SR 256 (-> SR 1024). See the module docstring."""
+
+    model_cpu_offload_seq = "text_encoder->unet->sr_unet->sr_unet_2"
+    _optional_components = ["sr_unet", "sr_scheduler", "image_noising_scheduler", "sr_unet_2", "sr_scheduler_2"]
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        unet,
+        scheduler,
+        sr_unet=None,
+        sr_scheduler=None,
+        image_noising_scheduler=None,
+        sr_unet_2=None,
+        sr_scheduler_2=None,
+        unshuffle_factor: int = 1,
+        max_sequence_length: int = 77,
+    ):
+        super().__init__()
+        if sr_unet is not None and (sr_scheduler is None or image_noising_scheduler is None):
+            raise ValueError("sr_unet needs both sr_scheduler and image_noising_scheduler")
+        if sr_unet_2 is not None and (sr_unet is None or sr_scheduler_2 is None):
+            raise ValueError("sr_unet_2 needs sr_unet (the 256 stage) and sr_scheduler_2")
+        self.register_modules(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            unet=unet,
+            scheduler=scheduler,
+            sr_unet=sr_unet,
+            sr_scheduler=sr_scheduler,
+            image_noising_scheduler=image_noising_scheduler,
+            sr_unet_2=sr_unet_2,
+            sr_scheduler_2=sr_scheduler_2,
+        )
+        self.register_to_config(unshuffle_factor=int(unshuffle_factor), max_sequence_length=int(max_sequence_length))
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def stage_names(self) -> list[str]:
+        """Names of the stages present, in order: ``base``, ``sr_256``, ``sr_1024``."""
+        names = ["base"]
+        if self.sr_unet is not None:
+            names.append(f"sr_{self.sr_unet.config.sample_size}")
+        if self.sr_unet_2 is not None:
+            names.append(f"sr_{self.sr_unet_2.config.sample_size}")
+        return names
+
+    @property
+    def stage_sizes(self) -> list[int]:
+        """Output side of each stage; ``size`` in ``generate()`` picks one of these."""
+        sizes = [self.unet.config.sample_size * self.config.unshuffle_factor]
+        for unet in (self.sr_unet, self.sr_unet_2):
+            if unet is not None:
+                sizes.append(unet.config.sample_size)
+        return sizes
+
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def encode_prompt(self, prompt: list[str], device=None) -> torch.Tensor:
+        """T5 token states (B, L, D) for a list of prompts (empty strings allowed: the
+        unconditional embedding). Call once and pass ``prompt_embeds`` to free the T5 after."""
+        device = device or self._execution_device
+        inputs = tokenize(self.tokenizer, prompt, self.config.max_sequence_length)
+        embeds = self.text_encoder(inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device))[0]
+        return embeds
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps=(100, 50, 50),
+        guidance_scale=(7.0, 4.0, 4.0),
+        noise_level: int = 250,
+        num_stages: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_stage_outputs: bool = False,
+        callback=None,
+        return_dict: bool = True,
+    ):
+        """Generate images.
+
+        Args:
+            prompt / negative_prompt: str or list[str]; or pass ``prompt_embeds`` (B, L, D) and
+                ``negative_prompt_embeds`` computed with :meth:`encode_prompt`.
+            num_inference_steps / guidance_scale: one value or one per stage, in stage order
+                (base, sr_256, sr_1024). Guidance > 1 turns on classifier-free guidance.
+            noise_level: noise-conditioning augmentation timestep for the SR stages (IF: 250).
+            num_stages: run only the first N stages (default: all).
+            generator: a seeded ``torch.Generator``; all noise is drawn from it in order.
+            output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
+        """
+        # 1. Check inputs
+        check_output_type(output_type)
+        all_stages = self.stage_names
+        n_stages = len(all_stages) if num_stages is None else num_stages
+        if isinstance(n_stages, bool) or not isinstance(n_stages, int) or not 1 <= n_stages <= len(all_stages):
+            raise ValueError(f"num_stages={num_stages!r} is not valid; this cascade has stages {all_stages}")
+        stages = all_stages[:n_stages]
+        steps = per_stage(num_inference_steps, stages, "num_inference_steps", kind="steps")
+        guidance = per_stage(guidance_scale, stages, "guidance_scale", kind="guidance")
+        if prompt_embeds is None:
+            prompts = check_prompt(prompt)
+        elif prompt is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive integer")
+        max_level = self.image_noising_scheduler.config.num_train_timesteps if self.image_noising_scheduler else 1000
+        if len(stages) > 1 and not 0 <= int(noise_level) < max_level:
+            raise ValueError(f"noise_level={noise_level!r} must be in [0, {max_level})")
+        device = self._execution_device
+        any_cfg = any(g > 1.0 for g in guidance)
+        seconds: dict[str, float] = {}
+        stage_outputs: dict[str, torch.Tensor] = {}
+
+        # 2. Encode the prompt (and the negative prompt when any stage uses guidance)
+        with timed(seconds, "text_encoder"):
+            if prompt_embeds is None:
+                prompt_embeds = run_finite("text_encoder", lambda: self.encode_prompt(prompts, device), [self.text_encoder])
+            batch = prompt_embeds.shape[0]
+            if any_cfg and negative_prompt_embeds is None:
+                negs = [""] * batch if negative_prompt is None else check_prompt(negative_prompt, "negative_prompt")
+                if len(negs) == 1 and batch > 1:
+                    negs = negs * batch
+                if len(negs) != batch:
+                    raise ValueError(
+                        f"negative_prompt has {len(negs)} entries but prompt has {batch}; pass one or {batch}"
+                    )
+                negative_prompt_embeds = self.encode_prompt(negs, device)
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        n = prompt_embeds.shape[0]
+
+        def text_context(cfg: bool) -> torch.Tensor:
+            return torch.cat([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
+
+        # 3. Base stage: noise -> 64px
+        r = self.config.unshuffle_factor
+
+        def run_base() -> torch.Tensor:
+            unet, scheduler, cfg = self.unet, self.scheduler, guidance[0] > 1.0
+            scheduler.set_timesteps(steps[0], device=device)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
+            side = unet.config.sample_size
+            x = randn_tensor((n, unet.config.in_channels, side, side), generator=generator, device=device, dtype=unet.dtype)
+            x = x * scheduler.init_noise_sigma
+            context = text_context(cfg).to(unet.dtype)
+
+            def model_fn(model_input, t, i):
+                return unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+
+            with self.progress_bar(total=steps[0]) as bar:
+                x = sampling.denoise(
+                    model_fn, scheduler, x, scheduler.timesteps,
+                    guidance_scale=guidance[0], do_classifier_free_guidance=cfg,
+                    step_kwargs=sampling.scheduler_step_kwargs(scheduler, generator),
+                    progress_bar=bar, callback=callback,
+                )  # fmt: skip
+            return sampling.pixel_shuffle(x, r)  # (N, 3, 64, 64)
+
+        with timed(seconds, "base"):
+            image = run_finite("base", run_base, [self.unet], generator)
+        stage_outputs["base"] = image
+
+        # 4. Super-resolution stages: upsample + noise augmentation -> 256 (-> 1024)
+        sr = [(self.sr_unet, self.sr_scheduler), (self.sr_unet_2, self.sr_scheduler_2)]
+        for k, name in enumerate(stages[1:], start=1):
+            unet, scheduler = sr[k - 1]
+            low_res = image
+
+            def run_sr(unet=unet, scheduler=scheduler, low_res=low_res, k=k) -> torch.Tensor:
+                cfg = guidance[k] > 1.0
+                scheduler.set_timesteps(steps[k], device=device)
+                if hasattr(scheduler, "set_begin_index"):
+                    scheduler.set_begin_index(0)
+                side = unet.config.sample_size
+                channels = unet.config.in_channels // 2
+                x = randn_tensor((n, channels, side, side), generator=generator, device=device, dtype=unet.dtype)
+                x = x * scheduler.init_noise_sigma
+                upscaled = sampling.upsample(low_res.to(device=device, dtype=unet.dtype), side)
+                level = torch.tensor([int(noise_level)] * n, device=device)
+                noise = randn_tensor(upscaled.shape, generator=generator, device=device, dtype=upscaled.dtype)
+                upscaled = sampling.noise_augment(upscaled, noise, level, self.image_noising_scheduler)
+                labels = torch.cat([level] * 2) if cfg else level
+                context = text_context(cfg).to(unet.dtype)
+
+                def model_fn(model_input, t, i):
+                    return unet(model_input, t, encoder_hidden_states=context, class_labels=labels, return_dict=False)[0]
+
+                with self.progress_bar(total=steps[k]) as bar:
+                    return sampling.denoise(
+                        model_fn, scheduler, x, scheduler.timesteps,
+                        guidance_scale=guidance[k], do_classifier_free_guidance=cfg, cond_image=upscaled,
+                        step_kwargs=sampling.scheduler_step_kwargs(scheduler, generator),
+                        progress_bar=bar, callback=callback,
+                    )  # fmt: skip
+
+            with timed(seconds, name):
+                image = run_finite(name, run_sr, [unet], generator)
+            stage_outputs[name] = image
+
+        # 5. Post-process
+        self.maybe_free_model_hooks()
+        images = postprocess(image, output_type)
+        if not return_dict:
+            return (images,)
+        return ImageLiteOutput(
+            images=images, stage_images=stage_outputs if return_stage_outputs else {}, stage_seconds=seconds
+        )
+
+
+# ---------------------------------------------------------------------- loading DeepFloyd IF
+def _load_scheduler(repo: str, subfolder: str, **kw):
+    """A scheduler of the class its ``scheduler_config.json`` names (IF ships DDPMScheduler)."""
+    import diffusers
+
+    config = diffusers.DDPMScheduler.load_config(repo, subfolder=subfolder, **kw)
+    cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"{repo}/{subfolder} names scheduler {config.get('_class_name')!r}, which diffusers lacks")
+    return cls.from_config(config)
+
+
+def from_if_repos(base: str, sr: list[str] = (), *, variant: str | None = None, torch_dtype=None) -> ImagenPipeline:
+    """Assemble an :class:`ImagenPipeline` from DeepFloyd IF repos (hub ids or local dirs).
+
+    ``base`` is a stage I repo (IFPipeline layout), ``sr`` up to two stage II/III repos
+    (IFSuperResolutionPipeline layout). Safetensors only; the T5 comes from the stage I repo
+    (IF's stage II repos ship without one and take stage I's embeddings).
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    if len(sr) > 2:
+        raise ValueError(f"sr={list(sr)!r} names {len(sr)} super-resolution repos; at most 2 (256 and 1024)")
+    load = dict(use_safetensors=True, torch_dtype=torch_dtype)
+
+    def unet(repo):
+        try:
+            return UNet2DConditionModel.from_pretrained(repo, subfolder="unet", variant=variant, **load)
+        except (OSError, ValueError):
+            if variant is None:
+                raise
+            return UNet2DConditionModel.from_pretrained(repo, subfolder="unet", **load)
+
+    def t5(repo):
+        try:
+            return T5EncoderModel.from_pretrained(repo, subfolder="text_encoder", variant=variant, **load)
+        except (OSError, ValueError):
+            if variant is None:
+                raise
+            return T5EncoderModel.from_pretrained(repo, subfolder="text_encoder", **load)
+
+    parts = dict(
+        tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer"),
+        text_encoder=t5(base),
+        unet=unet(base),
+        scheduler=_load_scheduler(base, "scheduler"),
+    )
+    names = [("sr_unet", "sr_scheduler"), ("sr_unet_2", "sr_scheduler_2")]
+    for (u, s), repo in zip(names, sr):
+        parts[u] = unet(repo)
+        parts[s] = _load_scheduler(repo, "scheduler")
+        if "image_noising_scheduler" not in parts:
+            parts["image_noising_scheduler"] = _load_scheduler(repo, "image_noising_scheduler")
+    return ImagenPipeline(**parts)

@@ -1,0 +1,170 @@
+"""The sampling core both families share: pure functions over tensors and diffusers schedulers.
+
+Every stage of both pipelines -- the Imagen base and super-resolution UNets, the unCLIP prior,
+decoder and super-resolution UNets -- is "run a diffusers scheduler over a model with optional
+classifier-free guidance". That loop lives here once (:func:`denoise`), with the pieces it is
+made of as small functions that can be tested on random tensors without any model:
+
+- :func:`classifier_free_guidance` -- Ho & Salimans (2022), eq. 6, applied to the first
+  ``sample_channels`` channels of the model output; learned-variance channels (IF's
+  ``learned_range`` UNets) come from the conditional half, as in diffusers' IF pipelines.
+- :func:`dynamic_threshold` -- Imagen (Saharia et al. 2022), sec. 2.3. The schedulers apply the
+  same rule themselves when their config says ``thresholding=True`` (DeepFloyd IF's setting);
+  this function is the reference and is used where no scheduler is involved.
+- :func:`noise_augment` -- noise-conditioning augmentation (Ho et al. 2021, "Cascaded
+  Diffusion Models"; Imagen sec. 2.5): the low-res image is noised to ``noise_level`` with a
+  DDPM forward process before it conditions a super-resolution stage.
+- :func:`upsample` -- the bilinear upsampling IF's stage II uses for its conditioning image.
+- :func:`pixel_unshuffle` / :func:`pixel_shuffle` -- space-to-depth for stages whose UNet runs
+  on ``r x r`` patches (the embedded default's 64px base runs on 12x32x32).
+
+The loop reproduces diffusers' IF and unCLIP pipelines operation for operation (same random
+draws in the same order, same scheduler calls), which the equivalence tests check to 1e-4.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""``model_fn(model_input, t, i) -> model_output``; ``model_input`` is (B', C_in, ...) with the
+CFG halves already concatenated as ``[uncond, cond]`` when guidance is on."""
+
+
+def classifier_free_guidance(
+    model_output: torch.Tensor, guidance_scale: float, sample_channels: int
+) -> torch.Tensor:
+    """Combine the ``[uncond, cond]`` halves of a batched model output.
+
+    Args:
+        model_output: (2B, C_out, ...) -- the unconditional half first, as diffusers batches it.
+        guidance_scale: ``w`` in ``eps = eps_u + w (eps_c - eps_u)``; 1 means the conditional
+            prediction alone.
+        sample_channels: how many leading channels are the prediction (3 for pixels, the
+            embedding size for the prior); the rest (a learned variance) is taken from the
+            conditional half unchanged.
+
+    Returns:
+        (B, C_out, ...)
+    """
+    uncond, cond = model_output.chunk(2)
+    pred_uncond = uncond[:, :sample_channels]
+    pred_cond, rest = cond[:, :sample_channels], cond[:, sample_channels:]
+    guided = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+    if rest.shape[1] == 0:
+        return guided
+    return torch.cat([guided, rest], dim=1)
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.5) -> torch.Tensor:
+    """Imagen's dynamic thresholding of a predicted clean sample ``x0`` (B, ...).
+
+    ``s`` = the ``ratio`` quantile of ``|x0|`` per sample, clamped to ``[1, max_value]``;
+    ``x0`` is clipped to ``[-s, s]`` and divided by ``s``. Computed in float32.
+    """
+    dtype = x0.dtype
+    flat = x0.float().reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value)  # (B,)
+    s = s.view(-1, *([1] * (x0.ndim - 1)))
+    return (torch.maximum(torch.minimum(x0.float(), s), -s) / s).to(dtype)
+
+
+def upsample(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear upsampling of (B, C, h, w) to (B, C, size, size), as IF stage II does it."""
+    return F.interpolate(image, (size, size), mode="bilinear", align_corners=True)
+
+
+def noise_augment(image: torch.Tensor, noise: torch.Tensor, noise_level: torch.Tensor, noising_scheduler):
+    """Noise-conditioning augmentation: ``q_sample(image, noise_level)`` with a DDPM scheduler.
+
+    Args:
+        image: (B, C, H, W) in [-1, 1]; noise: same shape; noise_level: (B,) integer timesteps.
+    """
+    return noising_scheduler.add_noise(image, noise, timesteps=noise_level)
+
+
+def pixel_unshuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C*r*r, H/r, W/r); identity for ``factor == 1``."""
+    return x if factor == 1 else F.pixel_unshuffle(x, factor)
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C*r*r, H/r, W/r) -> (B, C, H, W); identity for ``factor == 1``."""
+    return x if factor == 1 else F.pixel_shuffle(x, factor)
+
+
+def denoise(
+    model_fn: ModelFn,
+    scheduler,
+    sample: torch.Tensor,
+    timesteps: Iterable,
+    *,
+    guidance_scale: float = 1.0,
+    do_classifier_free_guidance: bool = False,
+    cond_image: torch.Tensor | None = None,
+    step_kwargs: Callable[[int, torch.Tensor], dict] | dict | None = None,
+    progress_bar=None,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Run one diffusion stage: ``x_T -> x_0`` with a diffusers scheduler.
+
+    Each step: concatenate the conditioning image on channels (super-resolution stages),
+    duplicate for CFG, ``scheduler.scale_model_input``, call the model, combine the halves with
+    :func:`classifier_free_guidance`, drop a learned variance the scheduler does not use, and
+    ``scheduler.step``.
+
+    Args:
+        model_fn: see :data:`ModelFn`.
+        scheduler: a diffusers scheduler on which ``set_timesteps`` was called.
+        sample: (B, C, ...) the initial noise, already scaled by ``init_noise_sigma``.
+        timesteps: the scheduler's timesteps.
+        cond_image: (B, C_c, H, W) concatenated after ``sample`` on the channel axis.
+        step_kwargs: extra ``scheduler.step`` keywords (``generator``, ``eta``,
+            ``prev_timestep``...), or a function ``(i, t) -> dict``.
+        progress_bar: anything with ``update()``.
+        callback: ``callback(i, t, sample)`` after each step.
+
+    Returns:
+        (B, C, ...) the denoised sample.
+    """
+    sample_channels = sample.shape[1]
+    timesteps = list(timesteps)
+    variance_type = getattr(scheduler.config, "variance_type", None)
+    for i, t in enumerate(timesteps):
+        model_input = sample if cond_image is None else torch.cat([sample, cond_image], dim=1)
+        if do_classifier_free_guidance:
+            model_input = torch.cat([model_input] * 2)
+        model_input = scheduler.scale_model_input(model_input, t)
+
+        model_output = model_fn(model_input, t, i)
+
+        if do_classifier_free_guidance:
+            model_output = classifier_free_guidance(model_output, guidance_scale, sample_channels)
+        if model_output.shape[1] != sample_channels and variance_type not in ("learned", "learned_range"):
+            model_output = model_output[:, :sample_channels]
+
+        kwargs = step_kwargs(i, t) if callable(step_kwargs) else (step_kwargs or {})
+        sample = scheduler.step(model_output, t, sample, **kwargs, return_dict=False)[0]
+
+        if progress_bar is not None:
+            progress_bar.update()
+        if callback is not None:
+            callback(i, t, sample)
+    return sample
+
+
+def scheduler_step_kwargs(scheduler, generator=None, eta: float = 0.0) -> dict:
+    """The ``generator``/``eta`` keywords that this scheduler's ``step`` accepts (as diffusers'
+    ``prepare_extra_step_kwargs`` does)."""
+    import inspect
+
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
