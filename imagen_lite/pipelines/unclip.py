@@ -1,0 +1,443 @@
+"""DALL-E 2-style cascade (unCLIP): CLIP text encoder -> prior -> 64px decoder -> super-resolution.
+
+The family of unCLIP (Ramesh et al. 2022) and Kakao Brain's Karlo. Compare with ``imagen.py``:
+
+| | Imagen (imagen.py) | DALL-E 2 (this file) |
+|---|---|---|
+| text encoder | T5 encoder, all token states | CLIP text tower, pooled embedding + token states |
+| prior | none | PriorTransformer: text embedding -> CLIP image embedding |
+| base conditioning | cross-attention on T5 tokens, pooled text added to the time embedding (``encoder_hid_dim``, ``addition_embed_type="text"``) | CLIP image embedding projected into the time embedding and into extra context tokens (``text_proj``) |
+| super-resolution | bilinear upsample + noise-conditioning augmentation, noise level as ``class_labels`` | bicubic upsample, no augmentation and no text; ``super_res_first`` for all steps but the last, ``super_res_last`` for the last (Karlo) |
+
+Components (registered under Karlo's names, so ``save_pretrained``/``from_pretrained``/``.to()``/
+offloading work as in diffusers): ``tokenizer``, ``text_encoder`` (``CLIPTextModelWithProjection``),
+``prior`` + ``prior_scheduler``, ``text_proj``
+(:class:`~imagen_lite.models.text_proj.UnCLIPTextProjection`), ``decoder`` + ``decoder_scheduler``,
+and optionally ``super_res_first`` + ``super_res_last`` + ``super_res_scheduler`` (64->256).
+Karlo's weights load unchanged with :func:`from_karlo_repo`.
+
+Pipeline config (saved in ``model_index.json``):
+- ``unshuffle_factor``: the decoder runs on ``r x r`` pixel patches (space-to-depth), as the
+  Imagen family's base does for the embedded default. Karlo uses 1.
+
+Classifier-free guidance is decided per stage (``guidance_scale > 1``); the prior's
+unconditional input is the empty (or negative) prompt, the decoder's is that prompt plus the
+learned unconditional image embedding of ``text_proj``. Karlo's SR UNets take no text, so the
+SR stage has no guidance.
+
+The denoising math is :func:`imagen_lite.sampling.denoise`, shared with the Imagen family (the
+prior's "sample" is a (B, D) embedding); this file reproduces diffusers' ``UnCLIPPipeline``
+(and, given image embeddings, ``UnCLIPImageVariationPipeline``'s decoder and SR) draw for draw,
+which ``tests/test_unclip.py`` checks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+from .. import sampling
+from ..models.text_proj import UnCLIPTextProjection
+from .common import check_output_type, check_prompt, per_stage, postprocess, run_finite, timed, tokenize
+from .output import ImageLiteOutput
+
+
+class CLIPTextEmbeds(NamedTuple):
+    """What :meth:`UnCLIPLitePipeline.encode_prompt` returns (a tuple, so it unpacks)."""
+
+    text_embeds: torch.Tensor  # (B, D) pooled + projected: z_t
+    hidden_states: torch.Tensor  # (B, L, D) token states
+    mask: torch.Tensor  # (B, L) bool, True on real tokens
+
+    def repeat_interleave(self, n: int) -> "CLIPTextEmbeds":
+        return CLIPTextEmbeds(*(x.repeat_interleave(n, dim=0) for x in self))
+
+
+def upsample_bicubic(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic upsampling of (B, C, h, w) to (B, C, size, size), as ``UnCLIPPipeline`` does it
+    for the super-resolution stage's conditioning image."""
+    antialias = {"antialias": True} if "antialias" in inspect.signature(F.interpolate).parameters else {}
+    return F.interpolate(image, size=[size, size], mode="bicubic", align_corners=False, **antialias)
+
+
+def _step_kwargs(scheduler, generator, timesteps):
+    """``scheduler.step`` keywords per step: the generator, and ``prev_timestep`` (the next
+    timestep, None at the last) for schedulers that take it -- UnCLIPScheduler needs it to step
+    over respaced timesteps."""
+    base = sampling.scheduler_step_kwargs(scheduler, generator)
+    if "prev_timestep" not in inspect.signature(scheduler.step).parameters:
+        return base
+    timesteps = list(timesteps)
+    return lambda i, t: {**base, "prev_timestep": timesteps[i + 1] if i + 1 < len(timesteps) else None}
+
+
+class UnCLIPLitePipeline(DiffusionPipeline):
+    """CLIP -> prior -> decoder 64px -> SR 256. See the module docstring."""
+
+    # the prior's clip_mean/clip_std are used outside forward (post_process_latents), so it
+    # stays out of model CPU offload, as in diffusers' UnCLIPPipeline
+    model_cpu_offload_seq = "text_encoder->text_proj->decoder->super_res_first->super_res_last"
+    _exclude_from_cpu_offload = ["prior"]
+    _optional_components = ["super_res_first", "super_res_last", "super_res_scheduler"]
+
+    def __init__(
+        self,
+        prior,
+        decoder,
+        text_proj,
+        text_encoder,
+        tokenizer,
+        prior_scheduler,
+        decoder_scheduler,
+        super_res_first=None,
+        super_res_last=None,
+        super_res_scheduler=None,
+        unshuffle_factor: int = 1,
+    ):
+        super().__init__()
+        sr = (super_res_first, super_res_last, super_res_scheduler)
+        if any(c is not None for c in sr) and any(c is None for c in sr):
+            raise ValueError(
+                "super_res_first, super_res_last and super_res_scheduler come together; got "
+                f"{[type(c).__name__ if c is not None else None for c in sr]}"
+            )
+        self.register_modules(
+            prior=prior,
+            decoder=decoder,
+            text_proj=text_proj,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            super_res_first=super_res_first,
+            super_res_last=super_res_last,
+            prior_scheduler=prior_scheduler,
+            decoder_scheduler=decoder_scheduler,
+            super_res_scheduler=super_res_scheduler,
+        )
+        self.register_to_config(unshuffle_factor=int(unshuffle_factor))
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def stage_names(self) -> list[str]:
+        """Names of the stages present, in order: ``prior``, ``decoder``, ``sr_256``."""
+        names = ["prior", "decoder"]
+        if self.super_res_first is not None:
+            names.append(f"sr_{self.super_res_first.config.sample_size}")
+        return names
+
+    @property
+    def stage_sizes(self) -> list[int]:
+        """Output side of each image stage (the prior makes an embedding, not an image);
+        ``size`` in ``generate()`` picks one of these."""
+        sizes = [self.decoder.config.sample_size * self.config.unshuffle_factor]
+        if self.super_res_first is not None:
+            sizes.append(self.super_res_first.config.sample_size)
+        return sizes
+
+    def num_stages_for_size(self, size: int | None) -> int:
+        """How many stages, the prior included, produce an image of side ``size`` (None: all)."""
+        sizes = self.stage_sizes
+        if size is None:
+            return len(self.stage_names)
+        if size not in sizes:
+            raise ValueError(f"size={size!r} cannot be produced by this cascade; its stages produce {sizes}")
+        return sizes.index(size) + 2
+
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def encode_prompt(self, prompt: list[str], device=None) -> CLIPTextEmbeds:
+        """CLIP text embeddings for a list of prompts (empty strings allowed: the unconditional
+        input). The text tower runs without an attention mask, as in CLIP and Karlo (it is
+        causal, so padding cannot reach the real tokens); the mask is returned for the prior
+        and decoder. Call once and pass ``prompt_embeds`` to free the text encoder after."""
+        device = device or self._execution_device
+        inputs = tokenize(self.tokenizer, prompt, self.tokenizer.model_max_length)
+        out = self.text_encoder(inputs.input_ids.to(device))
+        return CLIPTextEmbeds(out.text_embeds, out.last_hidden_state, inputs.attention_mask.bool().to(device))
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps=(25, 25, 7),
+        guidance_scale=(4.0, 8.0, 1.0),
+        num_stages: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        image_embeds: torch.Tensor | None = None,
+        prompt_embeds: CLIPTextEmbeds | tuple | None = None,
+        negative_prompt_embeds: CLIPTextEmbeds | tuple | None = None,
+        output_type: str = "pil",
+        return_stage_outputs: bool = False,
+        callback=None,
+        return_dict: bool = True,
+    ):
+        """Generate images.
+
+        Args:
+            prompt / negative_prompt: str or list[str]; or pass ``prompt_embeds`` (and
+                ``negative_prompt_embeds``) as computed by :meth:`encode_prompt`. The negative
+                prompt (default ``""``) is the unconditional input of the prior and decoder.
+            num_inference_steps / guidance_scale: one value or one per stage, in stage order
+                (prior, decoder, sr). Guidance > 1 turns on classifier-free guidance; the SR
+                stage takes none, so a single value applies to the prior and decoder, and a
+                tuple must give the SR stage 1.
+            num_stages: run only the first N stages, the prior included (2: 64px; default: all).
+            generator: a seeded ``torch.Generator``; all noise is drawn from it in order.
+            image_embeds: (B, D) CLIP image embeddings (e.g. from :func:`encode_images`), one per
+                prompt; given, the prior is skipped and the decoder is conditioned on them.
+            output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
+        """
+        # 1. Check inputs
+        check_output_type(output_type)
+        all_stages = self.stage_names
+        n_stages = len(all_stages) if num_stages is None else num_stages
+        if isinstance(n_stages, bool) or not isinstance(n_stages, int) or not 2 <= n_stages <= len(all_stages):
+            raise ValueError(
+                f"num_stages={num_stages!r} is not valid; this cascade has stages {all_stages} and an image needs "
+                "at least the first 2 (the prior makes an embedding)"
+            )
+        stages = all_stages[:n_stages]
+        steps = per_stage(num_inference_steps, stages, "num_inference_steps", kind="steps")
+        if isinstance(guidance_scale, (list, tuple)):
+            guidance = per_stage(guidance_scale, stages, "guidance_scale", kind="guidance")
+        else:
+            guidance = per_stage(guidance_scale, stages[:2], "guidance_scale", kind="guidance") + (1.0,) * (n_stages - 2)
+        if n_stages > 2 and guidance[2] != 1.0:
+            raise ValueError(
+                f"guidance_scale for stage {stages[2]!r} is {guidance[2]!r}; the unCLIP super-resolution UNets take "
+                "no text, so it must be 1"
+            )
+        if prompt_embeds is None:
+            prompts = check_prompt(prompt)
+        elif prompt is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive integer")
+        batch = len(prompts) if prompt_embeds is None else prompt_embeds[0].shape[0]
+        width = self.text_proj.config.clip_embeddings_dim
+        if image_embeds is not None and (
+            not isinstance(image_embeds, torch.Tensor) or tuple(image_embeds.shape) != (batch, width)
+        ):
+            got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
+            raise ValueError(f"image_embeds has shape {got}; expected ({batch}, {width}): one CLIP image embedding per prompt")
+        device = self._execution_device
+        run_prior = image_embeds is None
+        cfg_prior, cfg_decoder = run_prior and guidance[0] > 1.0, guidance[1] > 1.0
+        seconds: dict[str, float] = {}
+        stage_outputs: dict[str, torch.Tensor] = {}
+
+        # 2. Encode the prompt (and the negative prompt when the prior or decoder uses guidance)
+        with timed(seconds, "text_encoder"):
+            if prompt_embeds is None:
+                encoded = {}
+
+                def encode() -> torch.Tensor:
+                    encoded["cond"] = self.encode_prompt(prompts, device)
+                    return encoded["cond"].hidden_states
+
+                run_finite("text_encoder", encode, [self.text_encoder])
+                prompt_embeds = encoded["cond"]
+            if (cfg_prior or cfg_decoder) and negative_prompt_embeds is None:
+                negs = [""] * batch if negative_prompt is None else check_prompt(negative_prompt, "negative_prompt")
+                if len(negs) == 1 and batch > 1:
+                    negs = negs * batch
+                if len(negs) != batch:
+                    raise ValueError(f"negative_prompt has {len(negs)} entries but prompt has {batch}; pass one or {batch}")
+                negative_prompt_embeds = self.encode_prompt(negs, device)
+        cond = CLIPTextEmbeds(*(x.to(device) for x in prompt_embeds)).repeat_interleave(num_images_per_prompt)
+        uncond = None
+        if negative_prompt_embeds is not None:
+            uncond = CLIPTextEmbeds(*(x.to(device) for x in negative_prompt_embeds)).repeat_interleave(num_images_per_prompt)
+        n = cond.text_embeds.shape[0]
+
+        def text_inputs(cfg: bool, dtype) -> CLIPTextEmbeds:
+            parts = CLIPTextEmbeds(*(torch.cat([u, c]) for u, c in zip(uncond, cond))) if cfg else cond
+            return CLIPTextEmbeds(parts.text_embeds.to(dtype), parts.hidden_states.to(dtype), parts.mask)
+
+        # 3. Prior: noise -> CLIP image embedding z_i (skipped when image_embeds are given)
+        def run_prior_stage() -> torch.Tensor:
+            prior, scheduler = self.prior, self.prior_scheduler
+            scheduler.set_timesteps(steps[0], device=device)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
+            z = randn_tensor((n, prior.config.embedding_dim), generator=generator, device=device, dtype=prior.dtype)
+            z = z * scheduler.init_noise_sigma
+            text = text_inputs(cfg_prior, prior.dtype)
+
+            def model_fn(model_input, t, i):
+                return prior(
+                    model_input, timestep=t, proj_embedding=text.text_embeds,
+                    encoder_hidden_states=text.hidden_states, attention_mask=text.mask,
+                ).predicted_image_embedding  # fmt: skip
+
+            with self.progress_bar(total=steps[0]) as bar:
+                z = sampling.denoise(
+                    model_fn, scheduler, z, scheduler.timesteps,
+                    guidance_scale=guidance[0], do_classifier_free_guidance=cfg_prior,
+                    step_kwargs=_step_kwargs(scheduler, generator, scheduler.timesteps),
+                    progress_bar=bar, callback=callback,
+                )  # fmt: skip
+            return prior.post_process_latents(z)  # (N, D)
+
+        if run_prior:
+            with timed(seconds, "prior"):
+                image_embeds = run_finite("prior", run_prior_stage, [self.prior], generator)
+        else:
+            image_embeds = image_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        stage_outputs["prior"] = image_embeds
+
+        # 4. Decoder: z_i + text -> 64px
+        r = self.config.unshuffle_factor
+
+        def run_decoder() -> torch.Tensor:
+            decoder, scheduler, proj = self.decoder, self.decoder_scheduler, self.text_proj
+            text = text_inputs(cfg_decoder, proj.dtype)
+            context, time_embeddings = proj(
+                image_embeddings=image_embeds.to(proj.dtype), prompt_embeds=text.text_embeds,
+                text_encoder_hidden_states=text.hidden_states, do_classifier_free_guidance=cfg_decoder,
+            )  # fmt: skip
+            context, time_embeddings = context.to(decoder.dtype), time_embeddings.to(decoder.dtype)
+            mask = F.pad(text.mask, (proj.config.clip_extra_context_tokens, 0), value=True)  # the image tokens
+            scheduler.set_timesteps(steps[1], device=device)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
+            side = decoder.config.sample_size
+            x = randn_tensor((n, decoder.config.in_channels, side, side), generator=generator, device=device, dtype=decoder.dtype)
+            x = x * scheduler.init_noise_sigma
+
+            def model_fn(model_input, t, i):
+                return decoder(
+                    model_input, t, encoder_hidden_states=context, class_labels=time_embeddings,
+                    attention_mask=mask, return_dict=False,
+                )[0]  # fmt: skip
+
+            with self.progress_bar(total=steps[1]) as bar:
+                x = sampling.denoise(
+                    model_fn, scheduler, x, scheduler.timesteps,
+                    guidance_scale=guidance[1], do_classifier_free_guidance=cfg_decoder,
+                    step_kwargs=_step_kwargs(scheduler, generator, scheduler.timesteps),
+                    progress_bar=bar, callback=callback,
+                )  # fmt: skip
+            return sampling.pixel_shuffle(x, r).clamp(-1, 1)  # (N, 3, 64, 64)
+
+        with timed(seconds, "decoder"):
+            image = run_finite("decoder", run_decoder, [self.decoder, self.text_proj], generator)
+        stage_outputs["decoder"] = image
+
+        # 5. Super-resolution: bicubic upsample -> 256; super_res_first, then super_res_last for the last step
+        if n_stages > 2:
+            name, low_res = stages[2], image
+
+            def run_sr() -> torch.Tensor:
+                first, last, scheduler = self.super_res_first, self.super_res_last, self.super_res_scheduler
+                scheduler.set_timesteps(steps[2], device=device)
+                if hasattr(scheduler, "set_begin_index"):
+                    scheduler.set_begin_index(0)
+                timesteps = scheduler.timesteps
+                side, channels = first.config.sample_size, first.config.in_channels // 2
+                x = randn_tensor((n, channels, side, side), generator=generator, device=device, dtype=first.dtype)
+                x = x * scheduler.init_noise_sigma
+                upscaled = upsample_bicubic(low_res.to(device=device, dtype=first.dtype), side)
+
+                def model_fn(model_input, t, i):
+                    unet = last if i == len(timesteps) - 1 else first
+                    return unet(model_input, t, return_dict=False)[0]
+
+                with self.progress_bar(total=steps[2]) as bar:
+                    return sampling.denoise(
+                        model_fn, scheduler, x, timesteps, cond_image=upscaled,
+                        step_kwargs=_step_kwargs(scheduler, generator, timesteps),
+                        progress_bar=bar, callback=callback,
+                    )  # fmt: skip
+
+            with timed(seconds, name):
+                image = run_finite(name, run_sr, [self.super_res_first, self.super_res_last], generator)
+            stage_outputs[name] = image
+
+        # 6. Post-process
+        self.maybe_free_model_hooks()
+        images = postprocess(image, output_type)
+        if not return_dict:
+            return (images,)
+        return ImageLiteOutput(
+            images=images, stage_images=stage_outputs if return_stage_outputs else {}, stage_seconds=seconds
+        )
+
+
+# ---------------------------------------------------------------------- image embeddings
+@torch.no_grad()
+def encode_images(images, vision_model, image_processor) -> torch.Tensor:
+    """CLIP image embeddings (B, D) of PIL images / arrays (or already-processed pixel values
+    (B, 3, H, W)) with a ``CLIPVisionModelWithProjection`` and its ``CLIPImageProcessor``;
+    pass them as ``image_embeds`` to skip the prior."""
+    if not isinstance(images, torch.Tensor):
+        images = image_processor(images=images, return_tensors="pt").pixel_values
+    param = next(vision_model.parameters())
+    return vision_model(images.to(device=param.device, dtype=param.dtype)).image_embeds
+
+
+# ---------------------------------------------------------------------- building and loading
+def build_tiny_unclip(seed: int = 0) -> UnCLIPLitePipeline:
+    """A random tiny 16px -> 32px cascade (test sizes), built in code; the global RNG is left as
+    it was."""
+    from ..models import unclip_components as U
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UnCLIPLitePipeline(**U.build_components(U.TINY_UNCLIP))
+
+
+def _load_scheduler(repo: str, subfolder: str, **kw):
+    """A scheduler of the class its ``scheduler_config.json`` names (Karlo ships UnCLIPScheduler)."""
+    import diffusers
+
+    config = diffusers.UnCLIPScheduler.load_config(repo, subfolder=subfolder, **kw)
+    cls = getattr(diffusers, config.get("_class_name", "UnCLIPScheduler"), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"{repo}/{subfolder} names scheduler {config.get('_class_name')!r}, which diffusers lacks")
+    return cls.from_config(config)
+
+
+def from_karlo_repo(repo: str, *, torch_dtype=None) -> UnCLIPLitePipeline:
+    """Assemble an :class:`UnCLIPLitePipeline` from a ``kakaobrain/karlo-v1-alpha``-layout repo
+    (hub id or local dir), component by component.
+
+    Needed because that layout's ``model_index.json`` names ``diffusers.UnCLIPTextProjModel``,
+    which diffusers 0.42 no longer exports, so ``UnCLIPPipeline.from_pretrained`` fails on it;
+    here ``text_proj/`` loads into :class:`UnCLIPTextProjection`. Safetensors only; the SR
+    components load when ``model_index.json`` lists them.
+    """
+    from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    index = DiffusionPipeline.load_config(repo)
+    missing = [k for k in ("prior", "decoder", "text_proj", "text_encoder", "tokenizer") if not (index.get(k) or [None])[0]]
+    if missing:
+        raise ValueError(f"{repo!r} has no {missing} in its model_index.json; is it a Karlo (UnCLIPPipeline) layout?")
+    load = dict(use_safetensors=True, torch_dtype=torch_dtype)
+    parts = dict(
+        tokenizer=CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer"),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(
+            repo, subfolder="text_encoder", use_safetensors=True, dtype=torch_dtype or torch.float32
+        ),
+        prior=PriorTransformer.from_pretrained(repo, subfolder="prior", **load),
+        text_proj=UnCLIPTextProjection.from_pretrained(repo, subfolder="text_proj", **load),
+        decoder=UNet2DConditionModel.from_pretrained(repo, subfolder="decoder", **load),
+        prior_scheduler=_load_scheduler(repo, "prior_scheduler"),
+        decoder_scheduler=_load_scheduler(repo, "decoder_scheduler"),
+        unshuffle_factor=index.get("unshuffle_factor", 1),
+    )
+    if (index.get("super_res_first") or [None])[0]:
+        parts.update(
+            super_res_first=UNet2DModel.from_pretrained(repo, subfolder="super_res_first", **load),
+            super_res_last=UNet2DModel.from_pretrained(repo, subfolder="super_res_last", **load),
+            super_res_scheduler=_load_scheduler(repo, "super_res_scheduler"),
+        )
+    return UnCLIPLitePipeline(**parts)
