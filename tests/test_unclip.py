@@ -1,0 +1,289 @@
+"""The DALL-E 2-style (unCLIP) family: equivalence with diffusers' UnCLIPPipeline on a tiny
+Karlo-layout repo written by diffusers itself, seeding, the image-embedding path, input errors,
+save/load, and the rule that imagen_lite never imports diffusers' deprecated pipelines."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagen_lite.models import unclip_components as U
+from imagen_lite.models.text_proj import UnCLIPTextProjection
+from imagen_lite.pipelines.output import ImageLiteOutput
+from imagen_lite.pipelines.unclip import (
+    UnCLIPLitePipeline,
+    build_tiny_unclip,
+    encode_images,
+    from_karlo_repo,
+    upsample_bicubic,
+)
+
+PACKAGE = Path(__file__).resolve().parents[1] / "imagen_lite"
+KARLO_NAMES = (
+    "prior", "decoder", "text_encoder", "tokenizer", "text_proj", "super_res_first", "super_res_last",
+    "prior_scheduler", "decoder_scheduler", "super_res_scheduler",
+)  # fmt: skip
+TOL = 1e-4
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def karlo_dir(tmp_path_factory):
+    """A tiny Karlo-layout repo saved by diffusers' own (deprecated) UnCLIPPipeline."""
+    from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline, UnCLIPTextProjModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        parts = U.build_components(U.TINY_UNCLIP)
+        with torch.no_grad():  # non-trivial values where init leaves zeros/ones
+            parts["prior"].clip_mean.normal_()
+            parts["prior"].clip_std.uniform_(0.5, 1.5)
+            parts["text_proj"].learned_classifier_free_guidance_embeddings.normal_()
+    parts.pop("unshuffle_factor")
+    text_proj = UnCLIPTextProjModel(**dict(parts["text_proj"].config))
+    text_proj.load_state_dict(parts["text_proj"].state_dict())
+    parts["text_proj"] = text_proj
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = UnCLIPPipeline(**parts)
+    path = tmp_path_factory.mktemp("karlo") / "karlo-tiny"
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lite(karlo_dir):
+    return _quiet(from_karlo_repo(str(karlo_dir)))
+
+
+@pytest.fixture(scope="module")
+def ref(karlo_dir):
+    """diffusers' UnCLIPPipeline assembled from the saved components, loaded separately."""
+    from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
+    from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline, UnCLIPTextProjModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    d = str(karlo_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = UnCLIPPipeline(
+            prior=PriorTransformer.from_pretrained(d, subfolder="prior"),
+            decoder=UNet2DConditionModel.from_pretrained(d, subfolder="decoder"),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(d, subfolder="text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(d, subfolder="tokenizer"),
+            text_proj=UnCLIPTextProjModel.from_pretrained(d, subfolder="text_proj"),
+            super_res_first=UNet2DModel.from_pretrained(d, subfolder="super_res_first"),
+            super_res_last=UNet2DModel.from_pretrained(d, subfolder="super_res_last"),
+            prior_scheduler=UnCLIPScheduler.from_pretrained(d, subfolder="prior_scheduler"),
+            decoder_scheduler=UnCLIPScheduler.from_pretrained(d, subfolder="decoder_scheduler"),
+            super_res_scheduler=UnCLIPScheduler.from_pretrained(d, subfolder="super_res_scheduler"),
+        )
+    return _quiet(pipe)
+
+
+# ---------------------------------------------------------------------- layout and loading
+def test_karlo_layout_loads_component_by_component(karlo_dir, lite):
+    index = json.loads((karlo_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "UnCLIPPipeline"
+    assert index["text_proj"] == ["diffusers", "UnCLIPTextProjModel"]  # not importable from diffusers 0.42
+    assert set(KARLO_NAMES) <= set(index)
+    assert isinstance(lite.text_proj, UnCLIPTextProjection)
+    assert lite.stage_names == ["prior", "decoder", "sr_32"]
+    assert lite.stage_sizes == [16, 32]
+    assert [lite.num_stages_for_size(s) for s in (None, 16, 32)] == [3, 2, 3]
+
+
+def test_text_projection_matches_diffusers(karlo_dir):
+    from diffusers.pipelines.deprecated.unclip import UnCLIPTextProjModel
+
+    ours = UnCLIPTextProjection.from_pretrained(karlo_dir, subfolder="text_proj")
+    theirs = UnCLIPTextProjModel.from_pretrained(karlo_dir, subfolder="text_proj")
+    assert dict(ours.config) | {"_class_name": None} == dict(theirs.config) | {"_class_name": None}
+    d = ours.config.clip_embeddings_dim
+    args = dict(image_embeddings=torch.randn(2, d), prompt_embeds=torch.randn(4, d), text_encoder_hidden_states=torch.randn(4, 5, d))
+    with torch.no_grad():
+        for a, b in zip(ours(**args, do_classifier_free_guidance=True), theirs(**args, do_classifier_free_guidance=True)):
+            assert a.shape == b.shape and torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------- equivalence
+def test_full_chain_matches_unclip_pipeline(lite, ref):
+    prompts = ["a red circle", "two blue squares on the left"]
+    expected = ref(
+        prompts, prior_num_inference_steps=2, decoder_num_inference_steps=3, super_res_num_inference_steps=2,
+        prior_guidance_scale=4.0, decoder_guidance_scale=8.0, generator=_gen(0), output_type="np",
+    ).images  # fmt: skip
+    out = lite(prompts, num_inference_steps=(2, 3, 2), guidance_scale=(4.0, 8.0, 1.0), generator=_gen(0), output_type="np")
+    assert out.images.shape == expected.shape == (2, 32, 32, 3)
+    diff = float(np.abs(out.images - expected).max())
+    print(f"full chain max abs diff vs UnCLIPPipeline: {diff:.3g}")
+    assert diff < TOL
+
+
+def test_decoder_with_image_embeds_matches_variation_pipeline(lite, ref):
+    """Given image embeddings the prior is skipped; diffusers' UnCLIPImageVariationPipeline is
+    the reference (its text is the empty prompt, so ours gets the empty prompt's embeddings)."""
+    from diffusers.pipelines.deprecated.unclip import UnCLIPImageVariationPipeline
+
+    torch.manual_seed(1)
+    vision, processor = U.clip_vision_encoder(U.TINY_UNCLIP.clip).eval(), U.clip_image_processor(U.TINY_UNCLIP.clip)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        variation = _quiet(UnCLIPImageVariationPipeline(
+            decoder=ref.decoder, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer, text_proj=ref.text_proj,
+            feature_extractor=processor, image_encoder=vision, super_res_first=ref.super_res_first,
+            super_res_last=ref.super_res_last, decoder_scheduler=ref.decoder_scheduler,
+            super_res_scheduler=ref.super_res_scheduler,
+        ))  # fmt: skip
+    captured = []
+    hook = ref.super_res_first.register_forward_pre_hook(
+        lambda m, args, kwargs: captured.append(kwargs["sample"][:, 3:].clone()), with_kwargs=True
+    )
+    try:
+        expected = variation(
+            image, num_images_per_prompt=2, decoder_num_inference_steps=3, super_res_num_inference_steps=2,
+            decoder_guidance_scale=8.0, generator=_gen(3), output_type="np",
+        ).images  # fmt: skip
+    finally:
+        hook.remove()
+
+    embeds = encode_images(image, vision, processor)
+    out = lite(
+        prompt_embeds=lite.encode_prompt([""]), image_embeds=embeds, num_inference_steps=(1, 3, 2),
+        guidance_scale=(1.0, 8.0, 1.0), num_images_per_prompt=2, generator=_gen(3), output_type="np",
+        return_stage_outputs=True,
+    )  # fmt: skip
+    assert "prior" not in out.stage_seconds
+    decoder_diff = float((upsample_bicubic(out.stage_images["decoder"], 32) - captured[0]).abs().max())
+    final_diff = float(np.abs(out.images - expected).max())
+    print(f"decoder (image_embeds) max abs diff: {decoder_diff:.3g}; after SR: {final_diff:.3g}")
+    assert decoder_diff < TOL and final_diff < TOL
+
+
+# ---------------------------------------------------------------------- behaviour
+def test_seeding_reproducible(lite):
+    kw = dict(num_inference_steps=2, num_stages=2, output_type="pt")
+    a = lite("a red circle", generator=_gen(7), **kw).images
+    b = lite("a red circle", generator=_gen(7), **kw).images
+    c = lite("a red circle", generator=_gen(8), **kw).images
+    assert a.shape == (1, 3, 16, 16)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_image_embeds_path(lite):
+    d = lite.text_proj.config.clip_embeddings_dim
+    z = torch.randn(2, d, generator=_gen(0))
+    kw = dict(num_inference_steps=2, guidance_scale=(4.0, 8.0, 1.0), num_stages=2, return_stage_outputs=True)
+    out = lite(["a red circle", "a blue square"], image_embeds=z, generator=_gen(0), output_type="pt", **kw)
+    assert isinstance(out, ImageLiteOutput) and out.images.shape == (2, 3, 16, 16)
+    assert set(out.stage_seconds) == {"text_encoder", "decoder"}  # no prior ran
+    assert torch.equal(out.stage_images["prior"], z)
+    other = lite(["a red circle", "a blue square"], image_embeds=-z, generator=_gen(0), output_type="pt", **kw)
+    assert not torch.allclose(out.images, other.images)  # the decoder follows the embedding
+    with pytest.raises(ValueError, match=r"image_embeds has shape \(1, 32\); expected \(2, 32\)"):
+        lite(["a red circle", "a blue square"], image_embeds=z[:1], **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prompt=""), r"prompt='' is empty"),
+        (dict(prompt=[1]), r"prompt must contain only strings, got 1"),
+        (dict(prompt=None), r"prompt=None is not valid"),
+        (dict(num_inference_steps=(2, 2)), r"num_inference_steps=\(2, 2\) gives 2 value\(s\)"),
+        (dict(num_inference_steps=(2, 0, 2)), r"num_inference_steps for stage 'decoder' is 0"),
+        (dict(guidance_scale=(4.0, -1.0, 1.0)), r"guidance_scale for stage 'decoder' is -1.0"),
+        (dict(guidance_scale=(4.0, 8.0, 4.0)), r"guidance_scale for stage 'sr_32' is 4.0"),
+        (dict(num_stages=1), r"num_stages=1 is not valid"),
+        (dict(output_type="jpg"), r"output_type='jpg' is not valid"),
+        (dict(num_images_per_prompt=0), r"num_images_per_prompt=0"),
+    ],
+)
+def test_bad_inputs_name_the_value(lite, kwargs, match):
+    call = dict(prompt="a red circle", num_inference_steps=1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        lite(**call)
+
+
+def test_bad_size_names_allowed_sizes(lite):
+    with pytest.raises(ValueError, match=r"size=128 cannot be produced.*\[16, 32\]"):
+        lite.num_stages_for_size(128)
+
+
+def test_save_load_round_trip(lite, tmp_path):
+    lite.save_pretrained(tmp_path / "lite", safe_serialization=True)
+    index = json.loads((tmp_path / "lite" / "model_index.json").read_text())
+    assert index["_class_name"] == "UnCLIPLitePipeline"
+    assert index["text_proj"] == ["imagen_lite.models.text_proj", "UnCLIPTextProjection"]
+    again = _quiet(UnCLIPLitePipeline.from_pretrained(tmp_path / "lite"))
+    assert isinstance(again.text_proj, UnCLIPTextProjection) and again.config.unshuffle_factor == 1
+    kw = dict(num_inference_steps=2, num_stages=2, output_type="pt")
+    assert torch.equal(lite("a red circle", generator=_gen(0), **kw).images, again("a red circle", generator=_gen(0), **kw).images)
+
+
+def test_decoder_only_cascade_with_unshuffle(tmp_path):
+    """A 64px-only layout (no SR components) with the decoder on 2x2 patches saves and reloads."""
+    size = U.UnCLIPSize(decoder=U.DecoderSize(sample_size=8, unshuffle_factor=2), sr=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe = _quiet(UnCLIPLitePipeline(**U.build_components(size)))
+    assert pipe.stage_names == ["prior", "decoder"] and pipe.stage_sizes == [16]
+    assert pipe.num_stages_for_size(None) == 2
+    pipe.save_pretrained(tmp_path / "p64")
+    again = _quiet(UnCLIPLitePipeline.from_pretrained(tmp_path / "p64"))
+    assert again.super_res_first is None and again.config.unshuffle_factor == 2
+    out = again("a red circle", num_inference_steps=2, generator=_gen(0), output_type="np")
+    assert out.images.shape == (1, 16, 16, 3)
+
+
+def test_build_tiny_unclip_is_seeded_and_leaves_global_rng():
+    state = torch.get_rng_state()
+    a, b = build_tiny_unclip(seed=0), build_tiny_unclip(seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(a.decoder.parameters(), b.decoder.parameters()))
+    assert isinstance(a, UnCLIPLitePipeline) and a.stage_names == ["prior", "decoder", "sr_32"]
+
+
+def test_word_tokenizer_round_trips(tmp_path):
+    tok = U.clip_word_tokenizer(model_max_length=16)
+    ids = tok("A red circle to the left of an orange triangle").input_ids
+    assert len(ids) == 12  # start + one token per word + end
+    tok.save_pretrained(tmp_path / "tok")
+    again = type(tok).from_pretrained(tmp_path / "tok")
+    assert again("A red circle to the left of an orange triangle").input_ids == ids
+    assert tok.eos_token_id not in tok("zebra").input_ids[1:-1]  # unknown words split, never into <|endoftext|>
+
+
+# ---------------------------------------------------------------------- the deprecation rule
+_DEPRECATED_NAMES = {"UnCLIPPipeline", "UnCLIPImageVariationPipeline", "UnCLIPTextProjModel"}
+
+
+def test_package_never_imports_deprecated_diffusers_pipelines():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if re.search(r"diffusers[.\w]*\.deprecated|pipelines\.deprecated", text):
+            offenders.append(f"{path}: mentions diffusers' deprecated pipelines package")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffusers"):
+                bad = _DEPRECATED_NAMES & {a.name for a in node.names}
+                if bad:
+                    offenders.append(f"{path}:{node.lineno}: imports {sorted(bad)} from {node.module}")
+    assert not offenders, "\n".join(offenders)
