@@ -40,6 +40,7 @@ __all__ = [
     "CaptionObject",
     "ParsedCaption",
     "sample_scene",
+    "scene_for_caption",
     "render",
     "render_pair",
     "area_downsample",
@@ -481,6 +482,17 @@ def sample_scene(
         scene = _sample_kind(rng, kind)
         if not exclude_heldout or not is_heldout(scene.caption):
             return scene
+
+
+def scene_for_caption(caption: str, rng: np.random.Generator) -> Scene:
+    """A ground-truth scene for any caption of the grammar, laid out like :func:`sample_scene`
+    does (jittered sizes, legal centres). Raises ``ValueError`` for a malformed caption."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    parsed = parse_caption(caption)
+    sizes = [_jittered_size(rng, o.size or "") for o in parsed.objects]
+    objects = _layout(rng, list(zip(parsed.objects, sizes)), parsed.relation)
+    return Scene(caption, parsed.kind, objects)
 
 
 def prompt_set(n: int, seed: int = 0, mixture: dict[str, float] | None = None) -> list[tuple[str, str]]:
