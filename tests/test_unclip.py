@@ -201,6 +201,18 @@ def test_image_embeds_path(lite):
         lite(["a red circle", "a blue square"], image_embeds=z[:1], **kw)
 
 
+def test_negative_prompt_and_prompt_embeds(lite):
+    kw = dict(num_inference_steps=2, num_stages=2, guidance_scale=(4.0, 8.0), output_type="pt")
+    base = lite("a red circle", generator=_gen(0), **kw).images
+    embeds = lite(prompt_embeds=lite.encode_prompt(["a red circle"]), negative_prompt_embeds=lite.encode_prompt([""]), generator=_gen(0), **kw).images
+    other = lite("a red circle", negative_prompt="a blue square", generator=_gen(0), **kw).images
+    assert torch.equal(base, embeds) and not torch.allclose(base, other)
+    with pytest.raises(ValueError, match="negative_prompt has 2 entries but prompt has 1"):
+        lite("a red circle", negative_prompt=["a circle", "a square"], **kw)
+    with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
+        lite("a red circle", prompt_embeds=lite.encode_prompt(["a red circle"]), **kw)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -214,10 +226,11 @@ def test_image_embeds_path(lite):
         (dict(num_stages=1), r"num_stages=1 is not valid"),
         (dict(output_type="jpg"), r"output_type='jpg' is not valid"),
         (dict(num_images_per_prompt=0), r"num_images_per_prompt=0"),
+        (dict(num_inference_steps=(2, 1, 2)), r"num_inference_steps for stage .decoder. is 1; UnCLIPScheduler needs at least 2"),
     ],
 )
 def test_bad_inputs_name_the_value(lite, kwargs, match):
-    call = dict(prompt="a red circle", num_inference_steps=1) | kwargs
+    call = dict(prompt="a red circle", num_inference_steps=2) | kwargs
     with pytest.raises(ValueError, match=match):
         lite(**call)
 

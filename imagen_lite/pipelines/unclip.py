@@ -227,8 +227,12 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         ):
             got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
             raise ValueError(f"image_embeds has shape {got}; expected ({batch}, {width}): one CLIP image embedding per prompt")
-        device = self._execution_device
         run_prior = image_embeds is None
+        schedulers = [self.prior_scheduler if run_prior else None, self.decoder_scheduler, self.super_res_scheduler]
+        for stage, k, scheduler in zip(stages, steps, schedulers):
+            if k < 2 and type(scheduler).__name__ == "UnCLIPScheduler":  # its set_timesteps divides by k - 1
+                raise ValueError(f"num_inference_steps for stage {stage!r} is {k}; UnCLIPScheduler needs at least 2")
+        device = self._execution_device
         cfg_prior, cfg_decoder = run_prior and guidance[0] > 1.0, guidance[1] > 1.0
         seconds: dict[str, float] = {}
         stage_outputs: dict[str, torch.Tensor] = {}
