@@ -528,3 +528,12 @@ def test_register_reuses_existing_commands():
     assert p.parse_args(["data", "shapes", "--out", "x", "--n", "1"]).func.__name__ == "data_shapes"
     with pytest.raises(SystemExit):
         p.parse_args(["data", "shapes", "--out", "x", "--n", "0"])
+
+
+def test_evaluate_rejects_bad_arguments():
+    blank = lambda prompts, seed: [Image.new("RGB", (64, 64), "white") for _ in prompts]  # noqa: E731
+    with pytest.raises(ValueError, match=r"seeds must be a non-empty sequence of ints.*got 2"):
+        evaluate(blank, n_prompts=5, seeds=2)
+    with pytest.raises(ValueError, match=r"n_prompts must be a positive int, got 0"):
+        evaluate(blank, n_prompts=0)
+    assert evaluate(blank, n_prompts=5, seeds=range(1))["n_images"] == 5

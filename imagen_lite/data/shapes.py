@@ -1,6 +1,6 @@
 """The ``shapes`` domain: procedural captioned images that can be scored exactly.
 
-Implements ``/work/shared/specs/shapes-domain.md`` (v1): a scene sampler, a caption grammar
+Implements the shapes-domain spec (v1; see ``docs/shapes.md``): a scene sampler, a caption grammar
 and its parser, an anti-aliased numpy renderer, a held-out set of compositions, a
 deterministic ``IterableDataset`` and a Hugging Face ``imagefolder`` writer.
 
@@ -534,9 +534,10 @@ def _check_size(size, name: str = "size") -> int:
 def _coverage(obj: ShapeObject, size: int, align: int = 1) -> tuple[int, int, np.ndarray]:
     """Anti-aliased coverage of one object: (row0, col0, (h, w) float32 array in [0, 1]).
 
-    Inside tests run on a ``SUPERSAMPLE``x grid of sample points restricted to the object's
-    bounding box (widened to multiples of ``align`` pixels), then a box filter
-    (reshape + sum) gives each output pixel's coverage.
+    Coverage = the fraction of a pixel's ``SUPERSAMPLE x SUPERSAMPLE`` sample points (at
+    ``(k + 0.5) / (SUPERSAMPLE * size)``) inside the shape, i.e. supersampling followed by a
+    box filter, computed only over the object's bounding box (widened to multiples of
+    ``align`` pixels).
     """
     f = SUPERSAMPLE
     n = size * f

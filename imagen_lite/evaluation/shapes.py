@@ -307,11 +307,14 @@ def evaluate(
     """
     if not callable(generate_fn):
         raise TypeError(f"generate_fn must be callable, got {type(generate_fn).__name__}")
+    if not isinstance(n_prompts, int) or n_prompts < 1:
+        raise ValueError(f"n_prompts must be a positive int, got {n_prompts!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("seeds must name at least one seed, got an empty sequence")
+    seeds_list = [] if isinstance(seeds, (int, str)) else list(seeds)
+    if not seeds_list or not all(isinstance(s, (int, np.integer)) for s in seeds_list):
+        raise ValueError(f"seeds must be a non-empty sequence of ints such as (0, 1), got {seeds!r}")
+    seeds = [int(s) for s in seeds_list]
     prompts = prompt_set(n_prompts, seed=prompt_seed, mixture=mixture)
     heldout = {caption: is_heldout(caption) for caption, _ in prompts}
     records = []
