@@ -421,6 +421,7 @@ def from_karlo_repo(repo: str, *, torch_dtype=None) -> UnCLIPLitePipeline:
     from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+    repo = str(repo)
     index = DiffusionPipeline.load_config(repo)
     missing = [k for k in ("prior", "decoder", "text_proj", "text_encoder", "tokenizer") if not (index.get(k) or [None])[0]]
     if missing:
