@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import json
 import string
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
 from transformers import (
@@ -85,8 +87,13 @@ def clip_word_tokenizer(words=SHAPES_WORDS, model_max_length: int = 16) -> CLIPT
     for ch in string.ascii_lowercase + string.digits + string.punctuation:
         for piece in (ch, ch + "</w>"):
             vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    # Through vocab.json + merges.txt (the files Karlo's tokenizer/ ships): CLIPTokenizer reads
+    # them in transformers 4.x and 5.x alike.
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "vocab.json").write_text(json.dumps(vocab))
+        Path(tmp, "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length)
 
 
 @dataclass

@@ -418,6 +418,7 @@ def from_karlo_repo(repo: str, *, torch_dtype=None) -> UnCLIPLitePipeline:
     here ``text_proj/`` loads into :class:`UnCLIPTextProjection`. Safetensors only; the SR
     components load when ``model_index.json`` lists them.
     """
+    import transformers
     from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -427,11 +428,12 @@ def from_karlo_repo(repo: str, *, torch_dtype=None) -> UnCLIPLitePipeline:
     if missing:
         raise ValueError(f"{repo!r} has no {missing} in its model_index.json; is it a Karlo (UnCLIPPipeline) layout?")
     load = dict(use_safetensors=True, torch_dtype=torch_dtype)
+    # transformers 5 renamed torch_dtype to dtype
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    text_load = {"use_safetensors": True, dtype_key: torch_dtype or torch.float32}
     parts = dict(
         tokenizer=CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer"),
-        text_encoder=CLIPTextModelWithProjection.from_pretrained(
-            repo, subfolder="text_encoder", use_safetensors=True, dtype=torch_dtype or torch.float32
-        ),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(repo, subfolder="text_encoder", **text_load),
         prior=PriorTransformer.from_pretrained(repo, subfolder="prior", **load),
         text_proj=UnCLIPTextProjection.from_pretrained(repo, subfolder="text_proj", **load),
         decoder=UNet2DConditionModel.from_pretrained(repo, subfolder="decoder", **load),
