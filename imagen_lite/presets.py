@@ -96,7 +96,12 @@ def pipeline_class_of(directory) -> str | None:
 
 
 def looks_like_path(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or Path(ref).exists() or ref.count("/") != 1
+    """A local path (existing, or written like one); ``owner/name`` alone reads as a hub id."""
+    return Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    return not looks_like_path(ref) and ref.count("/") == 1 and all(ref.split("/"))
 
 
 def check_model_dir(ref: str, expect: tuple[str, ...]) -> Path:

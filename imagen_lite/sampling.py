@@ -168,3 +168,29 @@ def scheduler_step_kwargs(scheduler, generator=None, eta: float = 0.0) -> dict:
     if "generator" in params:
         kwargs["generator"] = generator
     return kwargs
+
+
+# ---------------------------------------------------------------------- schedulers by name
+SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+"""Scheduler names accepted by ``generate(scheduler=...)`` -> (diffusers class, config overrides)."""
+
+
+def make_scheduler(name: str, config) -> object:
+    """A diffusers scheduler of kind ``name`` built from another scheduler's ``config`` (so the
+    training schedule -- betas, prediction type, thresholding -- carries over)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler={name!r} is not known; use one of {sorted(SCHEDULERS)}")
+    cls_name, overrides = SCHEDULERS[name]
+    config = dict(config)
+    if config.get("variance_type") in ("learned", "learned_range") and name != "ddpm":
+        config["variance_type"] = None  # only DDPM samples the learned variance; the rest drop it
+    return getattr(diffusers, cls_name).from_config(config, **overrides)

@@ -95,6 +95,15 @@ class ImagenPipeline(DiffusionPipeline):
                 sizes.append(unet.config.sample_size)
         return sizes
 
+    def num_stages_for_size(self, size: int | None) -> int:
+        """How many stages produce an image of side ``size`` (None: all of them)."""
+        sizes = self.stage_sizes
+        if size is None:
+            return len(sizes)
+        if size not in sizes:
+            raise ValueError(f"size={size!r} cannot be produced by this cascade; its stages produce {sizes}")
+        return sizes.index(size) + 1
+
     # ------------------------------------------------------------------ text
     @torch.no_grad()
     def encode_prompt(self, prompt: list[str], device=None) -> torch.Tensor:

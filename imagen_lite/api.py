@@ -1,0 +1,260 @@
+"""``generate()`` and ``load_pipeline()``: the public entry points.
+
+``generate()`` checks its arguments before loading anything, resolves ``device``/``dtype``
+(``runtime.py``), loads the pipeline once per (family, model, device, dtype, offload) and keeps
+it cached, maps ``size`` to the number of stages, fills per-stage defaults from the model's
+preset, seeds a generator on the execution device (diffusers' semantics), and returns PIL
+images. With ``device="auto"`` a CUDA out-of-memory falls back to model CPU offload and then to
+the CPU, with a warning each time.
+
+``model`` is one of: ``None`` (the embedded default), a preset name (``presets.PRESETS``), a
+local pipeline directory (imagen-lite's own, or a DeepFloyd IF / Karlo layout), or for the
+Imagen family a dict ``{"base": ID_OR_DIR, "sr": [ID_OR_DIR, ...]}`` of IF-layout repos.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import presets, runtime
+from .pipelines.common import check_prompt, per_stage
+from .sampling import SCHEDULERS, make_scheduler
+
+logger = logging.getLogger("imagen_lite")
+
+_CACHE: dict = {}
+
+
+@dataclass
+class Loaded:
+    pipe: object
+    preset: presets.Preset  # where the per-stage defaults come from
+    description: str
+
+
+def _model_key(model):
+    if isinstance(model, dict):
+        return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in model.items()))
+    return model
+
+
+def _random_default(pipeline: str):
+    """Until trained weights ship for a family: a random tiny pipeline, with a warning."""
+    warnings.warn(
+        f"no trained embedded default for pipeline={pipeline!r} is installed; using a RANDOMLY "
+        "INITIALISED tiny pipeline (outputs are noise). Train one with scripts/train_default.py "
+        "or pass model=.",
+        UserWarning,
+        stacklevel=4,
+    )
+    if pipeline == "imagen":
+        from .models.tiny import build_tiny_imagen
+
+        return build_tiny_imagen()
+    from .pipelines.unclip import build_tiny_unclip
+
+    return build_tiny_unclip()
+
+
+def _load(pipeline: str, model, torch_dtype) -> Loaded:
+    """Build the pipeline object on the CPU (placement happens in ``runtime.place``)."""
+    from .pipelines.imagen import ImagenPipeline, from_if_repos
+
+    if model is None:
+        preset = presets.DEFAULT_IMAGEN if pipeline == "imagen" else presets.DEFAULT_DALLE2
+        directory = Path(preset.components["dir"])
+        if not (directory / "model_index.json").is_file():
+            return Loaded(_random_default(pipeline), preset, f"random tiny {pipeline} pipeline (no embedded weights)")
+        model = str(directory)
+        description = f"embedded default {pipeline} model ({directory})"
+    else:
+        description = f"model {model!r}"
+
+    if isinstance(model, dict):
+        if pipeline != "imagen":
+            raise ValueError(f"model as a dict of stages is only for pipeline='imagen', not {pipeline!r}")
+        unknown = set(model) - {"base", "sr"}
+        if unknown or "base" not in model:
+            raise ValueError(f"model dict keys are {sorted(model)}; expected 'base' and optionally 'sr' (a list)")
+        sr = model.get("sr") or []
+        sr = [sr] if isinstance(sr, str) else list(sr)
+        base = model["base"]
+        base = presets.PRESETS[base].components["base"] if base in presets.PRESETS else base
+        sr = [presets.SR_ALIASES.get(s, s) for s in sr]
+        pipe = from_if_repos(base, sr, torch_dtype=torch_dtype)
+        return Loaded(pipe, presets.PRESETS["if-xl"], f"IF stages base={base!r} sr={sr!r}")
+
+    if not isinstance(model, (str, Path)):
+        raise ValueError(f"model={model!r} is not valid; pass None, a preset name {sorted(presets.PRESETS)}, a directory or a dict")
+    model = str(model)
+    if model in presets.PRESETS:
+        preset = presets.PRESETS[model]
+        if preset.pipeline != pipeline:
+            raise ValueError(f"preset {model!r} is a {preset.pipeline!r} model; call with pipeline={preset.pipeline!r}")
+        if pipeline == "imagen":
+            pipe = from_if_repos(preset.components["base"], preset.components["sr"], variant=preset.variant, torch_dtype=torch_dtype)
+        else:
+            from .pipelines.unclip import from_karlo_repo
+
+            pipe = from_karlo_repo(preset.components["repo"], torch_dtype=torch_dtype)
+        return Loaded(pipe, preset, f"preset {model!r}")
+
+    if presets.looks_like_hub_id(model):  # an IF / Karlo layout repo on the hub (needs a network)
+        if pipeline == "imagen":
+            return Loaded(from_if_repos(model, [], torch_dtype=torch_dtype), presets.PRESETS["if-xl"], description)
+        from .pipelines.unclip import from_karlo_repo
+
+        return Loaded(from_karlo_repo(model, torch_dtype=torch_dtype), presets.PRESETS["karlo"], description)
+    if not presets.looks_like_path(model):
+        raise ValueError(
+            f"model={model!r} is neither a known preset {sorted(presets.PRESETS)} nor an existing directory"
+        )
+    if pipeline == "imagen":
+        path = presets.check_model_dir(model, ("ImagenPipeline", "IFPipeline"))
+        cls = presets.pipeline_class_of(path)
+        if cls == "IFPipeline":
+            return Loaded(from_if_repos(str(path), [], torch_dtype=torch_dtype), presets.PRESETS["if-xl"], description)
+        pipe = ImagenPipeline.from_pretrained(path, torch_dtype=torch_dtype, use_safetensors=True)
+        preset = _dir_preset(path, pipeline, presets.DEFAULT_IMAGEN)
+    else:
+        from .pipelines.unclip import UnCLIPLitePipeline, from_karlo_repo
+
+        path = presets.check_model_dir(model, ("UnCLIPLitePipeline", "UnCLIPPipeline"))
+        if presets.pipeline_class_of(path) == "UnCLIPPipeline":
+            return Loaded(from_karlo_repo(str(path), torch_dtype=torch_dtype), presets.PRESETS["karlo"], description)
+        pipe = UnCLIPLitePipeline.from_pretrained(path, torch_dtype=torch_dtype, use_safetensors=True)
+        preset = _dir_preset(path, pipeline, presets.DEFAULT_DALLE2)
+    return Loaded(pipe, preset, description)
+
+
+def _dir_preset(path: Path, pipeline: str, fallback: presets.Preset) -> presets.Preset:
+    """Generation defaults saved beside a pipeline directory, else the family's defaults."""
+    d = presets.read_defaults(path)
+    if not d:
+        return fallback
+    return presets.Preset(
+        str(path), pipeline, {"dir": str(path)},
+        tuple(d.get("num_inference_steps", fallback.num_inference_steps)),
+        tuple(d.get("guidance_scale", fallback.guidance_scale)),
+        int(d.get("noise_level", fallback.noise_level)),
+        extra={"scheduler": d.get("scheduler")},
+    )  # fmt: skip
+
+
+def load_pipeline(pipeline: str = "imagen", model=None, device="auto", dtype="auto", offload: bool = False,
+                  scheduler: str | None = None, lora=None):
+    """Load (or fetch from the cache) a pipeline placed on ``device`` in ``dtype``.
+
+    Returns the diffusers pipeline object (``ImagenPipeline`` or ``UnCLIPLitePipeline``); its
+    ``imagen_lite_preset`` attribute holds the per-stage defaults ``generate()`` uses.
+    """
+    presets.check_pipeline(pipeline)
+    dev = runtime.resolve_device(device)
+    dt = runtime.resolve_dtype(dtype, dev)
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler={scheduler!r} is not known; use one of {sorted(SCHEDULERS)}")
+
+    def load(d, t, off):
+        return _load_placed(pipeline, model, d, t, off, scheduler, lora)
+
+    return runtime.run_with_fallback(load, dev, dt, auto=(device in (None, "auto")) and not offload)
+
+
+def _load_placed(pipeline, model, device, dtype, offload, scheduler=None, lora=None):
+    key = (pipeline, _model_key(model), str(device), str(dtype), offload, scheduler, str(lora) if lora else None)
+    if key in _CACHE:
+        return _CACHE[key]
+    loaded = _load(pipeline, model, dtype)
+    pipe = loaded.pipe
+    if lora is not None:
+        from .training.lora import load_lora
+
+        load_lora(pipe, lora)
+    runtime.place(pipe, device, dtype, offload)
+    name = scheduler or loaded.preset.extra.get("scheduler")
+    if name:
+        for attr in ("scheduler", "decoder_scheduler"):
+            if getattr(pipe, attr, None) is not None:
+                setattr(pipe, attr, make_scheduler(name, getattr(pipe, attr).config))
+    pipe.imagen_lite_preset = loaded.preset
+    logger.info("loaded %s on %s (%s)%s", loaded.description, device, dtype, " with CPU offload" if offload else "")
+    _CACHE[key] = pipe
+    return pipe
+
+
+def generate(
+    prompt,
+    pipeline: str = "imagen",
+    model=None,
+    size: int | None = None,
+    num_images_per_prompt: int = 1,
+    num_inference_steps=None,
+    guidance_scale=None,
+    negative_prompt=None,
+    seed: int | None = None,
+    device="auto",
+    dtype="auto",
+    scheduler: str | None = None,
+    **kwargs,
+):
+    """Text to images with either family. Returns ``list[PIL.Image.Image]``.
+
+    Args:
+        prompt: str or list[str].
+        pipeline: ``"imagen"`` (T5 -> base -> SR) or ``"dalle2"`` (CLIP -> prior -> decoder -> SR).
+        model: None (embedded default), preset name, pipeline directory, or IF stage dict.
+        size: output side; picks how many stages run (64 = base/decoder only). None = all.
+        num_inference_steps / guidance_scale: one value or one per stage -- (base, sr...) for
+            imagen, (prior, decoder, sr) for dalle2; None = the model's defaults.
+        seed: as diffusers' ``generator=torch.Generator(device).manual_seed(seed)``.
+        device: ``"auto"`` (cuda -> mps -> cpu), ``"cpu"``, ``"cuda"``...; dtype: ``"auto"``
+            (float16 on CUDA, else float32), ``"float32"``, ``"float16"``, ``"bfloat16"``.
+        scheduler: swap the denoising scheduler by name (see ``sampling.SCHEDULERS``).
+        **kwargs: passed to the pipeline call (``noise_level``, ``image_embeds`` for dalle2...).
+    """
+    # 1. Check inputs before loading anything
+    presets.check_pipeline(pipeline)
+    prompts = check_prompt(prompt)
+    if negative_prompt is not None:
+        check_prompt(negative_prompt, "negative_prompt")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed={seed!r} must be an integer or None")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"size={size!r} must be a positive integer or None")
+    for name, value, kind in (("num_inference_steps", num_inference_steps, "steps"), ("guidance_scale", guidance_scale, "guidance")):
+        if value is not None:
+            n = len(value) if isinstance(value, (list, tuple)) else 1
+            per_stage(value, [f"stage {i}" for i in range(max(n, 1))], name, kind=kind)
+    dev = runtime.resolve_device(device)
+    dt = runtime.resolve_dtype(dtype, dev)
+    auto = device in (None, "auto")
+
+    # 2. Load (cached), run, falling back on CUDA OOM when device="auto"
+    def run(d, t, offload):
+        pipe = _load_placed(pipeline, model, d, t, offload, scheduler, kwargs.pop("lora", None))
+        preset = pipe.imagen_lite_preset
+        num_stages = pipe.num_stages_for_size(size)
+        steps = preset.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = preset.guidance_scale if guidance_scale is None else guidance_scale
+        call = dict(kwargs)
+        if pipeline == "imagen":
+            call.setdefault("noise_level", preset.noise_level)
+        gen_device = "cpu" if d.type == "mps" else d
+        generator = torch.Generator(gen_device).manual_seed(seed) if seed is not None else None
+        out = pipe(
+            prompt=prompts, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+            num_stages=num_stages, num_images_per_prompt=num_images_per_prompt, generator=generator, **call,
+        )  # fmt: skip
+        return out.images
+
+    return runtime.run_with_fallback(run, dev, dt, auto=auto)
+
+
+def clear_cache() -> None:
+    """Forget every cached pipeline (frees their memory once no one else holds them)."""
+    _CACHE.clear()

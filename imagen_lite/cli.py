@@ -1,0 +1,113 @@
+"""``imagen-lite``: generate | data | eval (and more as they land).
+
+Errors in user input (ValueError, FileNotFoundError) print as one line on stderr, without a
+traceback, and exit with status 2. Progress bars go to stderr; files go where asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _ints_or_int(text: str):
+    parts = [p for p in text.split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or a comma-separated list of integers") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _floats_or_float(text: str):
+    parts = [p for p in text.split(",") if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a comma-separated list of numbers") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def cmd_generate(args) -> int:
+    from .api import generate
+
+    images = generate(
+        args.prompt,
+        pipeline=args.pipeline,
+        model=args.model,
+        size=args.size,
+        num_images_per_prompt=args.n,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        scheduler=args.scheduler,
+    )
+    out = Path(args.out)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(len(images))]
+    for path, image in zip(paths, images):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .presets import PIPELINES, PRESETS
+    from .sampling import SCHEDULERS
+
+    parser = argparse.ArgumentParser(
+        prog="imagen-lite",
+        description="Text-to-image diffusion: Imagen-style cascades and DALL-E 2-style unCLIP, one interface.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log decisions (device, dtype, model) to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate images from a prompt and write PNGs",
+                       description="Generate images from a text prompt and write them as PNG files.")
+    g.add_argument("prompt", help="the text prompt")
+    g.add_argument("--pipeline", default="imagen", choices=PIPELINES, help="model family (default: imagen)")
+    g.add_argument("--model", default=None,
+                   help=f"preset {sorted(PRESETS)}, or a pipeline directory; default: the embedded default")
+    g.add_argument("--size", type=int, default=None, help="output side; picks how many stages run (default: all)")
+    g.add_argument("--steps", type=_ints_or_int, default=None, help="steps, one or one per stage: 25 or 25,10")
+    g.add_argument("--guidance", type=_floats_or_float, default=None, help="guidance scale, one or one per stage")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="swap the denoising scheduler")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--n", type=int, default=1, help="images per prompt")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    g.add_argument("--out", default="out.png", help="output PNG (several images: out_0.png, out_1.png...)")
+    g.set_defaults(func=cmd_generate)
+
+    from .cli_shapes import register as register_shapes
+
+    register_shapes(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"imagen-lite {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""The Imagen-style cascade: equivalence with diffusers' IF pipelines, generate() contract,
+device/dtype policy, bad input, save/load, CLI."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imagen_lite
+from imagen_lite import api, runtime
+from imagen_lite.cli import main
+from imagen_lite.models.tiny import build_tiny_imagen
+from imagen_lite.pipelines.imagen import ImagenPipeline, from_if_repos
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------- equivalence with diffusers
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_base_matches_ifpipeline(tiny_if_dirs, guidance):
+    from diffusers import IFPipeline
+
+    d1, _ = tiny_if_dirs
+    ref = _quiet(IFPipeline.from_pretrained(d1))
+    ours = _quiet(from_if_repos(str(d1)))
+    expected = ref(
+        "a red circle", num_inference_steps=4, guidance_scale=guidance, generator=torch.Generator().manual_seed(0),
+        output_type="pt", clean_caption=False,
+    ).images  # fmt: skip
+    got = ours("a red circle", num_inference_steps=4, guidance_scale=guidance,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
+    assert got.shape == expected.shape == (1, 3, 16, 16)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_cascade_matches_if_stage_1_then_2(tiny_if_dirs):
+    from diffusers import IFPipeline, IFSuperResolutionPipeline
+
+    d1, d2 = tiny_if_dirs
+    s1, s2 = _quiet(IFPipeline.from_pretrained(d1)), _quiet(IFSuperResolutionPipeline.from_pretrained(d2))
+    ours = _quiet(from_if_repos(str(d1), [str(d2)]))
+    prompts = ["a red circle", "two blue squares"]
+    g = torch.Generator().manual_seed(3)
+    pe, ne = s1.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt=["green", "yellow"])
+    low = s1(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=3, guidance_scale=5.0, generator=g,
+             output_type="pt").images  # fmt: skip
+    high = s2(image=low, prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=3, guidance_scale=2.0,
+              noise_level=100, generator=g, output_type="pt").images  # fmt: skip
+    out = ours(prompts, negative_prompt=["green", "yellow"], num_inference_steps=3, guidance_scale=(5.0, 2.0),
+               noise_level=100, generator=torch.Generator().manual_seed(3), output_type="pt",
+               return_stage_outputs=True)  # fmt: skip
+    assert (out.stage_images["base"] - low).abs().max().item() < 1e-4
+    assert (out.images - high).abs().max().item() < 1e-4
+    assert out.images.shape == (2, 3, 32, 32)
+    assert set(out.stage_seconds) == {"text_encoder", "base", "sr_32"}
+
+
+def test_unshuffled_base_produces_full_size_images():
+    pipe = _quiet(build_tiny_imagen(with_sr=False, unshuffle_factor=2))
+    out = pipe("a red circle", num_inference_steps=2, guidance_scale=1.0, output_type="np",
+               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert out.images.shape == (1, 16, 16, 3)
+    assert pipe.stage_sizes == [16]
+
+
+# ---------------------------------------------------------------- generate() contract
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_imagen") / "pipe"
+    build_tiny_imagen().save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def _arr(images):
+    return np.stack([np.asarray(im) for im in images])
+
+
+def test_same_seed_same_image_and_different_seed_differs(tiny_dir):
+    kw = dict(model=tiny_dir, device="cpu", num_inference_steps=2)
+    a = _arr(imagen_lite.generate("a red circle", seed=1, **kw))
+    b = _arr(imagen_lite.generate("a red circle", seed=1, **kw))
+    c = _arr(imagen_lite.generate("a red circle", seed=2, **kw))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_batch_equals_single(tiny_dir):
+    kw = dict(model=tiny_dir, device="cpu", num_inference_steps=2, size=16, guidance_scale=2.0)
+    pipe = imagen_lite.load_pipeline(model=tiny_dir, device="cpu")
+    emb = pipe.encode_prompt(["a red circle", "a blue square"])
+    single = pipe.encode_prompt(["a blue square"])
+    assert torch.allclose(emb[1:], single, atol=1e-5)  # text encoding does not depend on batch neighbours
+    images = imagen_lite.generate(["a red circle", "a blue square"], seed=0, **kw)
+    assert len(images) == 2 and images[0].size == (16, 16)
+
+
+@pytest.mark.parametrize("size,expected", [(16, (16, 16)), (32, (32, 32)), (None, (32, 32))])
+def test_size_selects_stages(tiny_dir, size, expected):
+    images = imagen_lite.generate("a red circle", model=tiny_dir, size=size, device="cpu", seed=0, num_inference_steps=2)
+    assert images[0].size == expected and images[0].mode == "RGB"
+
+
+def test_num_images_per_prompt(tiny_dir):
+    images = imagen_lite.generate(["a red circle", "a blue square"], model=tiny_dir, size=16, num_images_per_prompt=3,
+                                  device="cpu", seed=0, num_inference_steps=2)  # fmt: skip
+    assert len(images) == 6
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm++", "unipc", "euler"])
+def test_schedulers_swap_by_name(tiny_dir, name):
+    kw = dict(model=tiny_dir, device="cpu", seed=0, num_inference_steps=3, size=16, scheduler=name)
+    pipe = imagen_lite.load_pipeline(model=tiny_dir, device="cpu", scheduler=name)
+    assert type(pipe.scheduler).__name__ == api.SCHEDULERS[name][0]
+    assert np.array_equal(_arr(imagen_lite.generate("a red circle", **kw)), _arr(imagen_lite.generate("a red circle", **kw)))
+
+
+def test_if_layout_dirs_load_through_generate(tiny_if_dirs):
+    d1, d2 = tiny_if_dirs
+    low = imagen_lite.generate("a red circle", model=str(d1), device="cpu", seed=0, num_inference_steps=2)
+    both = imagen_lite.generate("a red circle", model={"base": str(d1), "sr": [str(d2)]}, device="cpu", seed=0,
+                                num_inference_steps=2)  # fmt: skip
+    assert low[0].size == (16, 16) and both[0].size == (32, 32)
+
+
+def test_save_load_round_trip(tmp_path):
+    pipe = _quiet(build_tiny_imagen(seed=5))
+    pipe.save_pretrained(tmp_path / "p", safe_serialization=True)
+    assert list((tmp_path / "p" / "unet").glob("*.safetensors"))
+    again = _quiet(ImagenPipeline.from_pretrained(tmp_path / "p"))
+    kw = dict(num_inference_steps=2, guidance_scale=(2.0, 1.0), output_type="pt")
+    a = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    b = again("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    assert (a - b).abs().max().item() < 1e-5
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny_dir, caplog):
+    with caplog.at_level("WARNING", logger="imagen_lite"):
+        imagen_lite.generate(" ".join(["red"] * 40), model=tiny_dir, size=16, device="cpu", num_inference_steps=2)
+    assert any("truncated" in r.message for r in caplog.records)
+
+
+# ---------------------------------------------------------------- device / dtype policy
+def test_device_and_dtype_resolution(monkeypatch):
+    monkeypatch.setattr(runtime, "cuda_available", lambda: False)
+    monkeypatch.setattr(runtime, "mps_available", lambda: False)
+    assert runtime.resolve_device("auto").type == "cpu"
+    assert runtime.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="device='cuda'.*not available"):
+        runtime.resolve_device("cuda")
+    with pytest.raises(ValueError, match="device='tpu'"):
+        runtime.resolve_device("tpu")
+    with pytest.raises(ValueError, match="dtype='float8'"):
+        runtime.resolve_dtype("float8", torch.device("cpu"))
+    monkeypatch.setattr(runtime, "cuda_available", lambda: True)
+    assert runtime.resolve_device("auto").type == "cuda"
+    assert runtime.resolve_dtype("auto", torch.device("cuda")) == torch.float16
+
+
+def test_cuda_oom_falls_back_to_offload_then_cpu(tiny_dir, monkeypatch):
+    monkeypatch.setattr(runtime, "cuda_available", lambda: True)
+    real = api._load_placed
+    tried = []
+
+    def fake(pipeline, model, device, dtype, offload, *a):
+        tried.append((device.type, offload))
+        if device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(pipeline, model, device, dtype, offload, *a)
+
+    monkeypatch.setattr(api, "_load_placed", fake)
+    with pytest.warns(RuntimeWarning, match="falling back to") as record:
+        images = imagen_lite.generate("a red circle", model=tiny_dir, size=16, seed=0, num_inference_steps=2)
+    assert tried == [("cuda", False), ("cuda", True), ("cpu", False)]
+    assert len([w for w in record if "falling back" in str(w.message)]) == 2
+    assert images[0].size == (16, 16)
+
+
+def test_oom_with_explicit_device_is_not_hidden(monkeypatch):
+    def boom(dev, dt, off):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        runtime.run_with_fallback(boom, torch.device("cuda"), torch.float16, auto=False)
+
+
+def test_half_precision_nan_reruns_stage_in_float32():
+    pipe = _quiet(build_tiny_imagen(with_sr=False)).to(torch.bfloat16)
+
+    def poison(module, args, output):  # a UNet that overflows in half precision
+        if module.dtype != torch.float32:
+            return (output[0] * float("nan"),)
+        return output
+
+    pipe.unet.register_forward_hook(poison)
+    with pytest.warns(RuntimeWarning, match="NaN/inf"):
+        out = pipe("a red circle", num_inference_steps=2, guidance_scale=1.0, output_type="pt",
+                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert torch.isfinite(out.images).all()
+    assert pipe.unet.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(prompt=""), ValueError, "prompt='' is empty"),
+        (dict(prompt=[]), ValueError, r"prompt=\[\] is not valid"),
+        (dict(prompt=42), ValueError, "prompt=42 is not valid"),
+        (dict(prompt=["ok", 3]), ValueError, "only strings"),
+        (dict(pipeline="dalle3"), ValueError, "pipeline='dalle3' is not known.*imagen"),
+        (dict(model="no-such-preset"), ValueError, "model='no-such-preset' is neither a known preset"),
+        (dict(size=48), ValueError, r"size=48 cannot be produced.*\[16, 32\]"),
+        (dict(size=0), ValueError, "size=0 must be a positive integer"),
+        (dict(num_inference_steps=0), ValueError, "num_inference_steps.*is 0; it must be a positive integer"),
+        (dict(num_inference_steps=(2, -1)), ValueError, "is -1; it must be a positive integer"),
+        (dict(guidance_scale=-1.0), ValueError, "guidance_scale.*is -1.0; it must be a number >= 0"),
+        (dict(num_inference_steps=(2,), size=32), ValueError, "gives 1 value.*runs 2 stage"),
+        (dict(seed="1"), ValueError, "seed='1' must be an integer"),
+        (dict(scheduler="magic"), ValueError, "scheduler='magic' is not known"),
+    ],
+)
+def test_bad_input_is_named(tiny_dir, kwargs, exc, match):
+    call = dict(prompt="a red circle", model=tiny_dir, device="cpu", num_inference_steps=2)
+    call.update(kwargs)
+    with pytest.raises(exc, match=match):
+        imagen_lite.generate(call.pop("prompt"), **call)
+
+
+def test_bad_model_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        imagen_lite.generate("a red circle", model=str(tmp_path / "missing"), device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no model_index.json"):
+        imagen_lite.generate("a red circle", model=str(tmp_path / "empty"), device="cpu")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        imagen_lite.generate("a red circle", model=str(tmp_path / "file.txt"), device="cpu")
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_generate_writes_png(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    code = main(["generate", "a red circle", "--model", tiny_dir, "--device", "cpu", "--steps", "2,2", "--seed", "0",
+                 "--size", "32", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (32, 32)
+
+
+def test_cli_bad_input_exits_nonzero_without_traceback(tiny_dir, capsys):
+    code = main(["generate", "a red circle", "--model", tiny_dir, "--device", "cpu", "--size", "48"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "size=48 cannot be produced" in err and "Traceback" not in err
+
+
+def test_cli_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "generate" in capsys.readouterr().out
+
+
+def test_import_touches_no_network_or_gpu():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, imagen_lite; "
+        "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
