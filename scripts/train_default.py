@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Train the embedded default on the shapes domain, resumably, on the CPU.
+
+    nohup python scripts/train_default.py --stage imagen-base --minutes 120 > train.out 2>&1 &
+
+The full resume state (weights, EMA, optimizer, step, RNG) lives in --cache (default
+~/.cache/imagen-lite/train_default/<stage>), outside the repository; every run continues
+from the newest checkpoint there. --export writes the EMA weights as an fp16 pipeline
+directory (imagen_lite/weights/imagen ships it). The log and the shapes-accuracy curve
+(curve.jsonl) sit beside the checkpoints.
+"""
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from imagen_lite.training.default import DEFAULT_CACHE, BaseRunConfig, train_base
+
+STAGES = ("imagen-base",)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=STAGES, default="imagen-base")
+    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--cache", type=Path, default=None, help="checkpoint folder (default: %s/<stage>)" % DEFAULT_CACHE)
+    p.add_argument("--resume", default="latest", help="'latest', a step_* dir, or 'none' to start afresh")
+    p.add_argument("--export", type=Path, default=None, help="write the EMA pipeline here at the end")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a config field")
+    args = p.parse_args(argv)
+
+    cfg = BaseRunConfig()
+    names = {f.name for f in fields(cfg)}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in names:
+            p.error(f"--set {item!r}: unknown field {key!r}; known: {sorted(names)}")
+        setattr(cfg, key, json.loads(value))
+    cache = args.cache or DEFAULT_CACHE / args.stage
+    result = train_base(cfg, cache, args.minutes, None if args.resume == "none" else args.resume, args.export, args.max_steps)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
