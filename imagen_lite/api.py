@@ -160,7 +160,7 @@ def load_pipeline(pipeline: str = "imagen", model=None, device="auto", dtype="au
         raise ValueError(f"scheduler={scheduler!r} is not known; use one of {sorted(SCHEDULERS)}")
 
     def load(d, t, off):
-        return _load_placed(pipeline, model, d, t, off, scheduler, lora)
+        return _load_placed(pipeline, model, d, t, offload or off, scheduler, lora)
 
     return runtime.run_with_fallback(load, dev, dt, auto=(device in (None, "auto")) and not offload)
 
@@ -200,6 +200,7 @@ def generate(
     device="auto",
     dtype="auto",
     scheduler: str | None = None,
+    offload: bool = False,
     **kwargs,
 ):
     """Text to images with either family. Returns ``list[PIL.Image.Image]``.
@@ -215,6 +216,8 @@ def generate(
         device: ``"auto"`` (cuda -> mps -> cpu), ``"cpu"``, ``"cuda"``...; dtype: ``"auto"``
             (float16 on CUDA, else float32), ``"float32"``, ``"float16"``, ``"bfloat16"``.
         scheduler: swap the denoising scheduler by name (see ``sampling.SCHEDULERS``).
+        offload: model CPU offload (each component on the GPU only while it runs) -- for
+            large presets such as ``if-xl`` on GPUs under ~24 GB.
         **kwargs: passed to the pipeline call (``noise_level``, ``image_embeds`` for dalle2...).
     """
     # 1. Check inputs before loading anything
@@ -235,8 +238,10 @@ def generate(
     auto = device in (None, "auto")
 
     # 2. Load (cached), run, falling back on CUDA OOM when device="auto"
-    def run(d, t, offload):
-        pipe = _load_placed(pipeline, model, d, t, offload, scheduler, kwargs.pop("lora", None))
+    lora = kwargs.pop("lora", None)
+
+    def run(d, t, off):
+        pipe = _load_placed(pipeline, model, d, t, offload or off, scheduler, lora)
         preset = pipe.imagen_lite_preset
         num_stages = pipe.num_stages_for_size(size)
         steps = preset.num_inference_steps if num_inference_steps is None else num_inference_steps
@@ -252,7 +257,7 @@ def generate(
         )  # fmt: skip
         return out.images
 
-    return runtime.run_with_fallback(run, dev, dt, auto=auto)
+    return runtime.run_with_fallback(run, dev, dt, auto=auto and not offload)
 
 
 def clear_cache() -> None:

@@ -87,7 +87,7 @@ def is_cuda_oom(err: BaseException) -> bool:
 def place(pipe, device: torch.device, dtype: torch.dtype, offload: bool = False):
     """Move a pipeline to ``device``/``dtype`` (or enable model CPU offload there)."""
     pipe.to(dtype=dtype)
-    if offload:
+    if offload and device.type != "cpu":  # offloading to the CPU from the CPU means nothing
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)

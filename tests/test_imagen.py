@@ -70,6 +70,34 @@ def test_unshuffled_base_produces_full_size_images():
     assert pipe.stage_sizes == [16]
 
 
+def test_sr_stage_on_unshuffled_patches():
+    from imagen_lite.models import components as C
+
+    base = build_tiny_imagen(with_sr=False)
+    sr = C.if_unet(sample_size=16, in_channels=24, out_channels=12, text_dim=32, size=C.TINY_SR, super_resolution=True)
+    pipe = _quiet(ImagenPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, unet=base.unet, scheduler=base.scheduler,
+        sr_unet=sr, sr_scheduler=C.ddpm_scheduler(), image_noising_scheduler=C.noising_scheduler(),
+        sr_unshuffle_factor=2,
+    ))  # fmt: skip
+    assert pipe.stage_sizes == [16, 32] and pipe.stage_names == ["base", "sr_32"]
+    out = pipe("a red circle", num_inference_steps=2, guidance_scale=1.0, output_type="pt")
+    assert out.images.shape == (1, 3, 32, 32) and torch.isfinite(out.images).all()
+
+
+def test_encode_once_then_free_text_encoder():
+    pipe = _quiet(build_tiny_imagen(with_sr=False))
+    kw = dict(num_inference_steps=2, guidance_scale=3.0, output_type="pt")
+    expected = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    embeds, negative = pipe.encode_prompt(["a red circle"]), pipe.encode_prompt([""])
+    pipe.free_text_encoder()
+    assert pipe.text_encoder is None
+    got = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.allclose(got.images, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="text encoder was freed"):
+        pipe("a red circle", **kw)
+
+
 # ---------------------------------------------------------------- generate() contract
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):

@@ -19,6 +19,8 @@ Pipeline config (saved in ``model_index.json``):
 - ``unshuffle_factor``: the base UNet runs on ``r x r`` pixel patches (space-to-depth), e.g.
   12x32x32 for a 64px image with r=2 -- 2.6x cheaper for the embedded default on CPU.
   IF uses 1.
+- ``sr_unshuffle_factor``: the same for the super-resolution UNets (noisy image and
+  conditioning image both unshuffled); IF uses 1.
 - ``max_sequence_length``: tokens given to T5 (IF trained with 77).
 
 The denoising math is :func:`imagen_lite.sampling.denoise`, shared with the unCLIP family; this
@@ -56,6 +58,7 @@ class ImagenPipeline(DiffusionPipeline):
         sr_scheduler_2=None,
         unshuffle_factor: int = 1,
         max_sequence_length: int = 77,
+        sr_unshuffle_factor: int = 1,
     ):
         super().__init__()
         if sr_unet is not None and (sr_scheduler is None or image_noising_scheduler is None):
@@ -73,7 +76,11 @@ class ImagenPipeline(DiffusionPipeline):
             sr_unet_2=sr_unet_2,
             sr_scheduler_2=sr_scheduler_2,
         )
-        self.register_to_config(unshuffle_factor=int(unshuffle_factor), max_sequence_length=int(max_sequence_length))
+        self.register_to_config(
+            unshuffle_factor=int(unshuffle_factor),
+            max_sequence_length=int(max_sequence_length),
+            sr_unshuffle_factor=int(sr_unshuffle_factor),
+        )
 
     # ------------------------------------------------------------------ structure
     @property
@@ -81,9 +88,9 @@ class ImagenPipeline(DiffusionPipeline):
         """Names of the stages present, in order: ``base``, ``sr_256``, ``sr_1024``."""
         names = ["base"]
         if self.sr_unet is not None:
-            names.append(f"sr_{self.sr_unet.config.sample_size}")
+            names.append(f"sr_{self.stage_sizes[1]}")
         if self.sr_unet_2 is not None:
-            names.append(f"sr_{self.sr_unet_2.config.sample_size}")
+            names.append(f"sr_{self.stage_sizes[2]}")
         return names
 
     @property
@@ -92,7 +99,7 @@ class ImagenPipeline(DiffusionPipeline):
         sizes = [self.unet.config.sample_size * self.config.unshuffle_factor]
         for unet in (self.sr_unet, self.sr_unet_2):
             if unet is not None:
-                sizes.append(unet.config.sample_size)
+                sizes.append(unet.config.sample_size * self.config.sr_unshuffle_factor)
         return sizes
 
     def num_stages_for_size(self, size: int | None) -> int:
@@ -103,6 +110,16 @@ class ImagenPipeline(DiffusionPipeline):
         if size not in sizes:
             raise ValueError(f"size={size!r} cannot be produced by this cascade; its stages produce {sizes}")
         return sizes.index(size) + 1
+
+    def free_text_encoder(self) -> None:
+        """Drop the T5 (IF-I-XL's is 4.8B params) once the prompts are encoded: afterwards call
+        with ``prompt_embeds``/``negative_prompt_embeds`` from :meth:`encode_prompt`."""
+        self.register_modules(text_encoder=None)
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
@@ -156,6 +173,8 @@ class ImagenPipeline(DiffusionPipeline):
         guidance = per_stage(guidance_scale, stages, "guidance_scale", kind="guidance")
         if prompt_embeds is None:
             prompts = check_prompt(prompt)
+            if self.text_encoder is None:
+                raise ValueError("this pipeline's text encoder was freed; pass prompt_embeds from encode_prompt()")
         elif prompt is not None:
             raise ValueError("pass either prompt or prompt_embeds, not both")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -174,6 +193,8 @@ class ImagenPipeline(DiffusionPipeline):
                 prompt_embeds = run_finite("text_encoder", lambda: self.encode_prompt(prompts, device), [self.text_encoder])
             batch = prompt_embeds.shape[0]
             if any_cfg and negative_prompt_embeds is None:
+                if self.text_encoder is None:
+                    raise ValueError("guidance_scale > 1 needs negative_prompt_embeds once the text encoder is freed")
                 negs = [""] * batch if negative_prompt is None else check_prompt(negative_prompt, "negative_prompt")
                 if len(negs) == 1 and batch > 1:
                     negs = negs * batch
@@ -232,14 +253,16 @@ class ImagenPipeline(DiffusionPipeline):
                 scheduler.set_timesteps(steps[k], device=device)
                 if hasattr(scheduler, "set_begin_index"):
                     scheduler.set_begin_index(0)
+                s = self.config.sr_unshuffle_factor
                 side = unet.config.sample_size
                 channels = unet.config.in_channels // 2
                 x = randn_tensor((n, channels, side, side), generator=generator, device=device, dtype=unet.dtype)
                 x = x * scheduler.init_noise_sigma
-                upscaled = sampling.upsample(low_res.to(device=device, dtype=unet.dtype), side)
+                upscaled = sampling.upsample(low_res.to(device=device, dtype=unet.dtype), side * s)
                 level = torch.tensor([int(noise_level)] * n, device=device)
                 noise = randn_tensor(upscaled.shape, generator=generator, device=device, dtype=upscaled.dtype)
                 upscaled = sampling.noise_augment(upscaled, noise, level, self.image_noising_scheduler)
+                upscaled = sampling.pixel_unshuffle(upscaled, s)  # (N, 3*s*s, side, side)
                 labels = torch.cat([level] * 2) if cfg else level
                 context = text_context(cfg).to(unet.dtype)
 
@@ -247,12 +270,13 @@ class ImagenPipeline(DiffusionPipeline):
                     return unet(model_input, t, encoder_hidden_states=context, class_labels=labels, return_dict=False)[0]
 
                 with self.progress_bar(total=steps[k]) as bar:
-                    return sampling.denoise(
+                    x = sampling.denoise(
                         model_fn, scheduler, x, scheduler.timesteps,
                         guidance_scale=guidance[k], do_classifier_free_guidance=cfg, cond_image=upscaled,
                         step_kwargs=sampling.scheduler_step_kwargs(scheduler, generator),
                         progress_bar=bar, callback=callback,
                     )  # fmt: skip
+                return sampling.pixel_shuffle(x, s)  # (N, 3, side*s, side*s)
 
             with timed(seconds, name):
                 image = run_finite(name, run_sr, [unet], generator)
