@@ -86,7 +86,9 @@ def is_cuda_oom(err: BaseException) -> bool:
 
 def place(pipe, device: torch.device, dtype: torch.dtype, offload: bool = False):
     """Move a pipeline to ``device``/``dtype`` (or enable model CPU offload there)."""
-    pipe.to(dtype=dtype)
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    if any(m.dtype != dtype for m in modules):  # loaders already read weights in ``dtype``
+        pipe.to(dtype=dtype)
     if offload and device.type != "cpu":  # offloading to the CPU from the CPU means nothing
         pipe.enable_model_cpu_offload(device=device)
     else:

@@ -15,23 +15,27 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from imagen_lite.training.default import DEFAULT_CACHE, BaseRunConfig, train_base
+from imagen_lite.training.default import (
+    DEFAULT_CACHE, BaseRunConfig, SRRunConfig, export_base_checkpoint, train_base, train_sr,
+)  # fmt: skip
 
-STAGES = ("imagen-base",)
+STAGES = {"imagen-base": BaseRunConfig, "imagen-sr": SRRunConfig}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=STAGES, default="imagen-base")
+    p.add_argument("--stage", choices=sorted(STAGES), default="imagen-base")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--cache", type=Path, default=None, help="checkpoint folder (default: %s/<stage>)" % DEFAULT_CACHE)
     p.add_argument("--resume", default="latest", help="'latest', a step_* dir, or 'none' to start afresh")
     p.add_argument("--export", type=Path, default=None, help="write the EMA pipeline here at the end")
+    p.add_argument("--base-dir", type=Path, default=None, help="imagen-sr: the trained base pipeline dir (frozen T5)")
+    p.add_argument("--export-only", action="store_true", help="imagen-base: export the latest checkpoint's EMA to --export, no training")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a config field")
     args = p.parse_args(argv)
 
-    cfg = BaseRunConfig()
+    cfg = STAGES[args.stage]()
     names = {f.name for f in fields(cfg)}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -39,7 +43,18 @@ def main(argv=None):
             p.error(f"--set {item!r}: unknown field {key!r}; known: {sorted(names)}")
         setattr(cfg, key, json.loads(value))
     cache = args.cache or DEFAULT_CACHE / args.stage
-    result = train_base(cfg, cache, args.minutes, None if args.resume == "none" else args.resume, args.export, args.max_steps)
+    resume = None if args.resume == "none" else args.resume
+    if args.export_only:
+        if args.stage != "imagen-base" or args.export is None:
+            p.error("--export-only works with --stage imagen-base and needs --export DIR")
+        print(export_base_checkpoint(cache, args.export, args.resume))
+        return
+    if args.stage == "imagen-base":
+        result = train_base(cfg, cache, args.minutes, resume, args.export, args.max_steps)
+    else:
+        if args.base_dir is None:
+            p.error("--stage imagen-sr needs --base-dir (an exported base pipeline directory)")
+        result = train_sr(cfg, args.base_dir, cache, args.minutes, resume, args.export, args.max_steps)
     print(json.dumps(result, indent=2))
 
 

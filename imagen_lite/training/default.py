@@ -32,7 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..data import shapes
 from ..models import components as C
-from ..sampling import pixel_unshuffle
+from ..sampling import pixel_unshuffle, upsample
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 
 logger = logging.getLogger("imagen_lite.train")
@@ -174,12 +174,8 @@ def evaluate_base(cfg, tok, text_encoder, unet, scheduler, n_prompts: int, guida
     return results
 
 
-def train_base(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | None = "latest",
-               export_dir: Path | None = None, max_steps: int | None = None, log_file: Path | None = None) -> dict:
-    """Train for ``minutes`` wall minutes (or ``max_steps``), checkpointing under ``cache``."""
-    cache = Path(cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    log = open(log_file or cache / "train.log", "a")
+def _logger(path: Path):
+    log = open(path, "a")
 
     def say(msg):
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
@@ -187,14 +183,23 @@ def train_base(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | No
         log.write(line + "\n")
         log.flush()
 
-    # 1. Build and freeze
-    tok, t5, unet, scheduler = build_base(cfg)
-    model = Trainable(t5, unet).train()
+    return say
+
+
+def run_loop(cfg, cache: Path, minutes: float, resume, model: torch.nn.Module, step_loss, evaluate_fn, say,
+             max_steps: int | None = None):
+    """The loop every default stage shares: resume -> (batch, loss, AdamW, EMA) -> checkpoint
+    every ``cfg.checkpoint_every`` and at the end -> evaluate every ``cfg.eval_every``.
+
+    ``step_loss(step, gen) -> loss`` computes the stage's loss on the batch of ``step``;
+    ``evaluate_fn(ema_module) -> {guidance: result}`` scores the EMA weights. Returns
+    ``(ema, step, cpu_hours)``.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
 
-    # 2. Resume
     step, hours = 0, 0.0
     ckpt = resolve_resume(cache, resume)
     if ckpt is not None:
@@ -204,25 +209,19 @@ def train_base(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | No
             group["initial_lr"] = cfg.lr
         lr_scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
         say(f"resumed from {ckpt} at step {step} ({hours:.2f} h so far), lr {cfg.lr}")
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"base: T5 {sum(p.numel() for p in t5.parameters())/1e6:.2f}M + UNet {sum(p.numel() for p in unet.parameters())/1e6:.2f}M = {n_params/1e6:.2f}M params; config {json.dumps(asdict(cfg))}")
-
-    dataset = shapes.ShapesDataset(size=64, seed=cfg.data_seed, mixture=cfg.mixture, exclude_heldout=cfg.exclude_heldout)
-    deadline = time.time() + minutes * 60
-    t_last, losses = time.time(), []
 
     def checkpoint():
         save_checkpoint(cache, step, model, optimizer, lr_scheduler, ema, extra={"cpu_hours": hours}, config=asdict(cfg))
 
-    # 3. Loop
+    deadline = time.time() + minutes * 60
+    t_last, losses = time.time(), []
     while time.time() < deadline and (max_steps is None or step < max_steps):
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # noise/timesteps/dropout of this step
-        images, texts = batch_at(cfg, dataset, step)
-        loss = loss_fn(cfg, model, tok, scheduler, images, texts, gen)
+        loss = step_loss(step, gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         lr_scheduler.step()
         ema.update_parameters(model)
@@ -235,8 +234,7 @@ def train_base(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | No
             checkpoint()
         if cfg.eval_every and step % cfg.eval_every == 0:
             te = time.time()
-            res = evaluate_base(cfg, tok, ema.module.text_encoder, ema.module.unet, scheduler, cfg.eval_prompts, (1.0, 2.0))
-            for g, r in res.items():
+            for g, r in evaluate_fn(ema.module).items():
                 entry = {"step": step, "cpu_hours": round(hours, 3), "guidance": g, "overall": r["overall"],
                          "per_category": r["per_category"]}  # fmt: skip
                 with open(cache / "curve.jsonl", "a") as f:
@@ -244,8 +242,229 @@ def train_base(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | No
                 say(f"eval step {step} g={g}: overall {r['overall']:.3f} {r['per_category']} ({time.time() - te:.0f}s)")
         hours += (time.time() - t0) / 3600  # wall time of the step, evaluation included
     checkpoint()
+    return ema, step, hours
+
+
+def train_base(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | None = "latest",
+               export_dir: Path | None = None, max_steps: int | None = None, log_file: Path | None = None) -> dict:
+    """Train the base + T5 for ``minutes`` wall minutes (or ``max_steps``), checkpointing under ``cache``."""
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    say = _logger(log_file or cache / "train.log")
+
+    # 1. Build
+    tok, t5, unet, scheduler = build_base(cfg)
+    model = Trainable(t5, unet).train()
+    n = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in (("T5", t5), ("UNet", unet))}
+    say(f"base: T5 {n['T5']:.2f}M + UNet {n['UNet']:.2f}M params; config {json.dumps(asdict(cfg))}")
+    dataset = shapes.ShapesDataset(size=64, seed=cfg.data_seed, mixture=cfg.mixture, exclude_heldout=cfg.exclude_heldout)
+
+    # 2. Loop
+    def step_loss(step, gen):
+        images, texts = batch_at(cfg, dataset, step)
+        return loss_fn(cfg, model, tok, scheduler, images, texts, gen)
+
+    def evaluate_fn(m):
+        return evaluate_base(cfg, tok, m.text_encoder, m.unet, scheduler, cfg.eval_prompts, (1.0, 2.0))
+
+    ema, step, hours = run_loop(cfg, cache, minutes, resume, model, step_loss, evaluate_fn, say, max_steps)
+
+    # 3. Export
     if export_dir is not None:
         export_pipeline(cfg, tok, ema.module.text_encoder, ema.module.unet, scheduler, export_dir)
         say(f"exported EMA weights to {export_dir}")
-    log.close()
     return {"step": step, "cpu_hours": hours, "checkpoints": [str(p) for p in list_checkpoints(cache)]}
+
+
+# ---------------------------------------------------------------------- 64 -> 256 super-resolution
+@dataclass
+class SRRunConfig:
+    """The Imagen-family 64->256 SR UNet, trained on crops (Imagen trains its SR models on crops)."""
+
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    ema_decay: float = 0.998  # a shorter run than the base
+    caption_dropout: float = 0.5  # flat shapes need little text at SR; robust to a base T5 that keeps training
+    min_snr_gamma: float = 5.0
+    unshuffle_factor: int = 4  # SR UNet sees 96x64x64 at 256px (noisy + conditioning patches)
+    low_crops: tuple = (16, 24, 32)  # low-res crop sides; the 256 target crop is 4x
+    max_aug_level: int = 500  # noise-conditioning augmentation level drawn from [0, max)
+    seed: int = 0
+    data_seed: int = 2
+    exclude_heldout: bool = True
+    unet: dict = field(
+        default_factory=lambda: dict(
+            block_out_channels=(32, 64, 96), layers_per_block=1, attention_head_dim=32,
+            cross_attention_dim=64, attention_levels=(False, False, False),
+        )
+    )  # fmt: skip
+    checkpoint_every: int = 200
+    eval_every: int = 500
+    eval_prompts: int = 40
+
+
+def build_sr(cfg: SRRunConfig, text_dim: int):
+    r = cfg.unshuffle_factor
+    torch.manual_seed(cfg.seed)
+    return C.if_unet(
+        sample_size=256 // r, in_channels=6 * r * r, out_channels=3 * r * r, text_dim=text_dim,
+        size=C.UNetSize(**cfg.unet), super_resolution=True,
+    )  # fmt: skip
+
+
+def sr_loss(cfg: SRRunConfig, unet, text_states, scheduler, noising, low, high, gen: torch.Generator):
+    """x0 loss of the SR UNet on random aligned crops of (upsampled+augmented 64, true 256).
+
+    The conditioning is built exactly as at inference -- the whole 64px image upsampled
+    bilinearly to 256, noised to a random augmentation level -- and then cropped, so training
+    sees the real inference input (not diffusers' DreamBooth shortcut).
+    """
+    b, r = low.shape[0], cfg.unshuffle_factor
+    up = upsample(low, 256)  # (B, 3, 256, 256)
+    level = torch.randint(0, cfg.max_aug_level, (b,), generator=gen)
+    up = noising.add_noise(up, torch.randn(up.shape, generator=gen), level)
+    c = 4 * cfg.low_crops[int(torch.randint(0, len(cfg.low_crops), (1,), generator=gen))]
+    ys = torch.randint(0, (256 - c) // r + 1, (b,), generator=gen) * r  # patch-aligned crop corners
+    xs = torch.randint(0, (256 - c) // r + 1, (b,), generator=gen) * r
+    crop = lambda img: torch.stack([im[:, y : y + c, x : x + c] for im, y, x in zip(img, ys.tolist(), xs.tolist())])  # noqa: E731
+    x0, cond = pixel_unshuffle(crop(high), r), pixel_unshuffle(crop(up), r)  # (B, 48, c/4, c/4)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen)
+    xt = scheduler.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
+    ac = scheduler.alphas_cumprod[t]
+    weight = (ac / (1 - ac)).clamp(max=cfg.min_snr_gamma)
+    pred = unet(torch.cat([xt, cond], dim=1), t, encoder_hidden_states=text_states, class_labels=level,
+                return_dict=False)[0]  # fmt: skip
+    return (weight * F.mse_loss(pred, x0, reduction="none").mean(dim=(1, 2, 3))).mean()
+
+
+def evaluate_sr(cfg: SRRunConfig, base_pipe, sr_unet, n_prompts: int, steps: int = 10, noise_level: int = 100):
+    """Shapes accuracy at 256 of the SR stage alone: ground-truth 64px renders upscaled."""
+    from diffusers import DDIMScheduler
+
+    from ..evaluation.shapes import evaluate
+    from ..pipelines.imagen import ImagenPipeline
+    from ..pipelines.common import postprocess
+
+    sr_sched = DDIMScheduler.from_config(C.ddpm_scheduler(prediction_type="sample").config)
+    pipe = ImagenPipeline(
+        tokenizer=base_pipe.tokenizer, text_encoder=base_pipe.text_encoder, unet=base_pipe.unet,
+        scheduler=base_pipe.scheduler, sr_unet=sr_unet, sr_scheduler=sr_sched,
+        image_noising_scheduler=C.noising_scheduler(), unshuffle_factor=base_pipe.config.unshuffle_factor,
+        max_sequence_length=base_pipe.config.max_sequence_length, sr_unshuffle_factor=cfg.unshuffle_factor,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+
+    def gen(prompts, seed):
+        rng = np.random.default_rng(seed)
+        lows = torch.stack([
+            torch.from_numpy(shapes.render(shapes.scene_for_caption(p, rng), 64)).permute(2, 0, 1).float() / 127.5 - 1
+            for p in prompts
+        ])  # fmt: skip
+        generator = torch.Generator().manual_seed(seed)
+        return postprocess(_sr_only(pipe, prompts, lows, steps, noise_level, generator), "pil")
+
+    return {"sr-on-ground-truth": evaluate(gen, n_prompts=n_prompts, seeds=(0,), batch_size=20)}
+
+
+@torch.no_grad()
+def _sr_only(pipe, prompts, lows, steps, noise_level, generator):
+    """Run just the SR stage of ``pipe`` on given 64px images (B, 3, 64, 64) in [-1, 1]."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from .. import sampling
+
+    s, unet, scheduler = pipe.config.sr_unshuffle_factor, pipe.sr_unet, pipe.sr_scheduler
+    n, side = lows.shape[0], unet.config.sample_size
+    context = pipe.encode_prompt(prompts)
+    scheduler.set_timesteps(steps)
+    x = randn_tensor((n, unet.config.in_channels // 2, side, side), generator=generator) * scheduler.init_noise_sigma
+    up = sampling.upsample(lows, side * s)
+    level = torch.full((n,), noise_level)
+    up = sampling.pixel_unshuffle(pipe.image_noising_scheduler.add_noise(up, randn_tensor(up.shape, generator=generator), level), s)
+
+    def model_fn(inp, t, i):
+        return unet(inp, t, encoder_hidden_states=context, class_labels=level, return_dict=False)[0]
+
+    x = sampling.denoise(model_fn, scheduler, x, scheduler.timesteps, cond_image=up,
+                         step_kwargs=sampling.scheduler_step_kwargs(scheduler, generator))  # fmt: skip
+    return sampling.pixel_shuffle(x, s)
+
+
+def train_sr(cfg: SRRunConfig, base_dir: Path, cache: Path, minutes: float, resume: str | None = "latest",
+             export_dir: Path | None = None, max_steps: int | None = None) -> dict:
+    """Train the 64->256 SR UNet against a frozen base pipeline directory's T5."""
+    from ..pipelines.imagen import ImagenPipeline
+
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    say = _logger(cache / "train.log")
+
+    # 1. Build, freeze the text encoder
+    base = ImagenPipeline.from_pretrained(base_dir, torch_dtype=torch.float32)
+    base.text_encoder.requires_grad_(False).eval()
+    unet = build_sr(cfg, base.text_encoder.config.d_model).train()
+    scheduler, noising = C.ddpm_scheduler(prediction_type="sample"), C.noising_scheduler()
+    say(f"sr: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params; base {base_dir}; config {json.dumps(asdict(cfg))}")
+    dataset = shapes.ShapesDataset(size=(64, 256), seed=cfg.data_seed, exclude_heldout=cfg.exclude_heldout)
+
+    # 2. Loop
+    def step_loss(step, gen):
+        items = [dataset.example(step * cfg.batch_size + i) for i in range(cfg.batch_size)]
+        low = torch.stack([it["pixel_values_low"] for it in items])
+        high = torch.stack([it["pixel_values"] for it in items])
+        drop = torch.rand(len(items), generator=gen) < cfg.caption_dropout
+        texts = ["" if d else it["text"] for d, it in zip(drop.tolist(), items)]
+        with torch.no_grad():
+            states = base.encode_prompt(texts)
+        return sr_loss(cfg, unet, states, scheduler, noising, low, high, gen)
+
+    def evaluate_fn(m):
+        return evaluate_sr(cfg, base, m, cfg.eval_prompts)
+
+    ema, step, hours = run_loop(cfg, cache, minutes, resume, unet, step_loss, evaluate_fn, say, max_steps)
+
+    # 3. Export: the base directory's components plus the SR stage
+    if export_dir is not None:
+        export_cascade(base_dir, ema.module, cfg, export_dir)
+        say(f"exported base + EMA SR to {export_dir}")
+    return {"step": step, "cpu_hours": hours, "checkpoints": [str(p) for p in list_checkpoints(cache)]}
+
+
+def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict | None = None):
+    """base pipeline dir + trained SR UNet -> one ImagenPipeline directory (fp16 safetensors)."""
+    import copy
+
+    from ..pipelines.imagen import ImagenPipeline
+    from ..presets import DEFAULTS_FILE, read_defaults
+
+    base = ImagenPipeline.from_pretrained(base_dir, torch_dtype=torch.float16)
+    pipe = ImagenPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, unet=base.unet, scheduler=base.scheduler,
+        sr_unet=copy.deepcopy(sr_unet).half(), sr_scheduler=C.ddpm_scheduler(prediction_type="sample"),
+        image_noising_scheduler=C.noising_scheduler(), unshuffle_factor=base.config.unshuffle_factor,
+        max_sequence_length=base.config.max_sequence_length, sr_unshuffle_factor=cfg.unshuffle_factor,
+    )  # fmt: skip
+    defaults = defaults or read_defaults(base_dir)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    if defaults:
+        (out_dir / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    return out_dir
+
+
+def export_base_checkpoint(cache: Path, out_dir: Path, checkpoint: str = "latest", defaults: dict | None = None) -> Path:
+    """Export the EMA weights of a base checkpoint (read-only: safe while that run goes on)."""
+    ckpt = resolve_resume(cache, checkpoint)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint under {str(cache)!r} to export")
+    saved = json.loads((ckpt / "config.json").read_text())
+    cfg = BaseRunConfig(**{k: v for k, v in saved.items() if k in BaseRunConfig.__dataclass_fields__})
+    tok, t5, unet, scheduler = build_base(cfg)
+    model = Trainable(t5, unet)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    from safetensors.torch import load_model
+
+    load_model(ema, str(ckpt / "ema.safetensors"))
+    return export_pipeline(cfg, tok, ema.module.text_encoder, ema.module.unet, scheduler, out_dir, defaults)
