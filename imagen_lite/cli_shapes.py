@@ -67,8 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-prompts", type=_positive_int, default=100, help="prompt-set size (balanced over kinds)")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt set")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per generate() call")
-    p.add_argument("--steps", type=_positive_int, default=None, help="num_inference_steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the model's)")
+    from .cli import _floats_or_float, _ints_or_int
+
+    p.add_argument("--steps", type=_ints_or_int, default=None, help="num_inference_steps, one or per stage: 25 or 25,10")
+    p.add_argument("--guidance", type=_floats_or_float, default=None, help="guidance_scale, one or per stage")
+    p.add_argument("--scheduler", default=None, help="swap the scheduler: ddpm, ddim, dpm++, unipc, ...")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", default="auto", help="'auto', 'float32', 'float16', 'bfloat16'")
     p.add_argument("--out", default="shapes_eval.json", help="where to write the JSON result")
@@ -102,6 +105,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
             seed=seed,
             device=args.device,
             dtype=args.dtype,
+            scheduler=args.scheduler,
         )
 
     seeds = tuple(range(args.seeds))
@@ -118,6 +122,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
         "size": args.size,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
+        "scheduler": args.scheduler,
         "device": args.device,
         "dtype": args.dtype,
         "seeds": list(seeds),

@@ -502,7 +502,7 @@ def test_cli_eval_shapes_uses_api_generate(tmp_path, monkeypatch, capsys):
     ground_truth = _ground_truth_fn(256)
 
     def generate(prompt, pipeline="imagen", model=None, size=None, num_inference_steps=None,
-                 guidance_scale=None, seed=None, device="auto", dtype="auto"):
+                 guidance_scale=None, seed=None, device="auto", dtype="auto", scheduler=None):
         calls.append((pipeline, size, num_inference_steps, guidance_scale, seed, device))
         return ground_truth(prompt, seed)
 
