@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_shapes import register as register_shapes
 
     register_shapes(sub)
+    from .cli_train import register as register_train; register_train(sub)  # noqa: E702
     return parser
 
 

@@ -3,7 +3,8 @@
 A checkpoint is a directory ``step_000123/`` holding:
 - ``model.safetensors``  the trained modules (float32), written with ``safetensors.torch.save_model``
   (handles T5's tied embeddings)
-- ``ema.safetensors``    the EMA of the same modules (when EMA is on)
+- ``ema.safetensors``    the EMA of the same modules (when EMA is on): a module's weights, or
+  the shadow parameters of a diffusers ``EMAModel`` (its counters go to ``state.pt``)
 - ``optimizer.pt`` / ``state.pt``  optimizer + LR scheduler state, step, data position and RNG
   states; read back with ``torch.load(weights_only=True)``, so nothing in a checkpoint can
   execute code
@@ -11,7 +12,12 @@ A checkpoint is a directory ``step_000123/`` holding:
 
 It is written into a temporary sibling directory and renamed into place, so a process killed
 at any moment leaves either the previous checkpoints or a complete new one, never a half one
-under a ``step_*`` name. Only the newest ``keep`` checkpoints are kept.
+under a ``step_*`` name. Only the newest ``keep`` checkpoints are kept; an old one is renamed
+out of the ``step_*`` namespace before it is deleted, so a kill mid-delete leaves no partial
+``step_*`` directory either.
+
+``trainable_only=True`` (LoRA runs) stores only the parameters that require grad: the frozen
+base weights are rebuilt from the start model on resume.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -65,21 +71,41 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _trainable(model) -> dict:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _is_ema_model(ema) -> bool:
+    """A diffusers ``EMAModel`` (shadow parameters + counters) rather than a module."""
+    return not isinstance(ema, torch.nn.Module) and hasattr(ema, "shadow_params")
+
+
 def save_checkpoint(root, step: int, model, optimizer, lr_scheduler=None, ema=None, extra: dict | None = None,
-                    config: dict | None = None, keep: int = 3) -> Path:
+                    config: dict | None = None, keep: int = 3, trainable_only: bool = False) -> Path:
     """Write ``root/step_{step:06d}`` atomically; prune to the newest ``keep``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        if ema is not None:
+        if trainable_only:
+            save_file(_trainable(model), str(tmp / "model.safetensors"))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
+        ema_counters = None
+        if _is_ema_model(ema):
+            shadow = {f"{i:06d}": p.detach().contiguous() for i, p in enumerate(ema.shadow_params)}
+            save_file(shadow, str(tmp / "ema.safetensors"))
+            ema_counters = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+        elif ema is not None:
             save_model(ema, str(tmp / "ema.safetensors"))
         torch.save(
             {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler else None},
             tmp / "optimizer.pt",
         )
-        torch.save({"step": step, "rng": rng_state(), "extra": extra or {}}, tmp / "state.pt")
+        state = {"step": step, "rng": rng_state(), "extra": extra or {}}
+        if ema_counters is not None:
+            state["ema"] = ema_counters
+        torch.save(state, tmp / "state.pt")
         (tmp / "config.json").write_text(json.dumps(config or {}, indent=2, default=str))
         for f in tmp.iterdir():  # make the bytes durable before the rename makes them visible
             with open(f, "rb") as fh:
@@ -92,7 +118,9 @@ def save_checkpoint(root, step: int, model, optimizer, lr_scheduler=None, ema=No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = root / f".tmp-old-{old.name}"
+        os.rename(old, doomed)  # out of the step_* namespace first: a kill mid-delete leaves no half step_*
+        shutil.rmtree(doomed, ignore_errors=True)
     for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
@@ -113,7 +141,29 @@ def resolve_resume(root, resume: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(path, model, optimizer=None, lr_scheduler=None, ema=None) -> dict:
+def verify_checkpoint(path) -> None:
+    """Raise ``ValueError`` naming ``path`` when a checkpoint is incomplete, truncated or not
+    made by :func:`save_checkpoint` -- cheaply (headers and the small files), before a run
+    builds anything."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        for name in ("state.pt", "optimizer.pt", "model.safetensors", "config.json"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{name} is missing")
+        torch.load(path / "state.pt", weights_only=True)
+        torch.load(path / "optimizer.pt", weights_only=True)
+        json.loads((path / "config.json").read_text())
+        for name in ("model.safetensors", "ema.safetensors"):
+            if (path / name).is_file():
+                with safe_open(str(path / name), framework="pt") as f:
+                    f.keys()
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(err).__name__}: {err})") from None
+
+
+def load_checkpoint(path, model, optimizer=None, lr_scheduler=None, ema=None, trainable_only: bool = False) -> dict:
     """Load a checkpoint into the given objects; returns ``{"step", "extra"}``.
 
     A truncated or corrupt file raises ``ValueError`` naming it, before any state changes.
@@ -122,11 +172,26 @@ def load_checkpoint(path, model, optimizer=None, lr_scheduler=None, ema=None) ->
     try:
         state = torch.load(path / "state.pt", weights_only=True)
         opt = torch.load(path / "optimizer.pt", weights_only=True)
-        load_model(model, str(path / "model.safetensors"))
-        if ema is not None and (path / "ema.safetensors").is_file():
+        if trainable_only:
+            weights = load_file(str(path / "model.safetensors"))
+            missing = sorted(set(_trainable(model)) - set(weights))
+            if missing or set(weights) - set(_trainable(model)):
+                raise ValueError(f"its weights do not match the trained parameters (missing e.g. {missing[:3]})")
+        else:
+            load_model(model, str(path / "model.safetensors"))
+        if _is_ema_model(ema) and (path / "ema.safetensors").is_file():
+            shadow = load_file(str(path / "ema.safetensors"))
+            if len(shadow) != len(ema.shadow_params):
+                raise ValueError(f"ema.safetensors has {len(shadow)} tensors, the model {len(ema.shadow_params)}")
+            ema_state = {**state["ema"], "shadow_params": [shadow[k] for k in sorted(shadow)]}
+        elif ema is not None and (path / "ema.safetensors").is_file():
             load_model(ema, str(path / "ema.safetensors"))
     except Exception as err:  # noqa: BLE001
         raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(err).__name__}: {err})") from None
+    if trainable_only:
+        model.load_state_dict(weights, strict=False)
+    if _is_ema_model(ema) and (path / "ema.safetensors").is_file():
+        ema.load_state_dict(ema_state)
     if optimizer is not None:
         optimizer.load_state_dict(opt["optimizer"])
     if lr_scheduler is not None and opt.get("lr_scheduler") is not None:
