@@ -196,7 +196,10 @@ def train(cfg: TrainConfig) -> Path:
 
     # 2. Accelerator: devices, processes, mixed precision, gradient accumulation, logging
     use_tensorboard = importlib.util.find_spec("tensorboard") is not None
+    # several processes (torchrun / accelerate launch) and no GPU: data-parallel on CPUs over gloo
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=multi_cpu,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard" if use_tensorboard else None,
@@ -351,6 +354,7 @@ def train(cfg: TrainConfig) -> Path:
             accelerator.wait_for_everyone()
     bar.close()
     batches.close()
+    logger.info("rank %d/%d step %d weights sha256 %s", rank, world, step, fingerprint(trainable))
 
     # 7. Save: a last checkpoint, then (at max_steps) the pipeline with EMA weights and the run config
     if step != resumed_step or resume_from is None:
@@ -364,6 +368,34 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
+
+
+@torch.no_grad()
+def stage_loss(cfg: TrainConfig, model: str, draws: int = 4, micro_step: int = 0) -> float:
+    """The stage loss of the pipeline at ``model`` on the batch of ``micro_step``, averaged over
+    ``draws`` fixed draws of noise and timesteps (no training): to compare a pipeline before and
+    after a run on the same numbers."""
+    cfg = cfg.replace(model=str(model))
+    stage = get_stage(cfg.family, cfg.stage)
+    source = open_source(cfg.data, cfg.image_column, cfg.caption_column, seed=cfg.data_seed)
+    pipe, image_encoder, processor = load_start(cfg)
+    ctx = Context(pipe, cfg, noise_schedule(pipe, stage), torch.device("cpu"), image_encoder, processor)
+    sizes = stage.image_sizes(pipe, cfg, ctx)
+    parts = torch.nn.ModuleDict(stage.trained(pipe, cfg, ctx)).eval()
+    batches = Batches(source, sizes, cfg.batch_size, cfg.data_seed)
+    stage.setup(parts, ctx, batches)
+    batch = batches(micro_step)
+    return float(np.mean([stage.loss(parts, ctx, batch, step_generator(10_007, i, 0)).item() for i in range(draws)]))
+
+
+def fingerprint(params) -> str:
+    """sha256 of the parameters' bytes: equal on every data-parallel rank when they are in sync."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _enable_checkpointing(module) -> bool:

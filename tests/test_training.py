@@ -1,0 +1,311 @@
+"""Training and fine-tuning (issue #5): every stage of both families on a tiny folder, exact
+resume, EMA, caption dropout, LoRA, and the errors bad input gets -- on tiny configs, CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from imagen_lite import api
+from imagen_lite.data.shapes import write_imagefolder
+from imagen_lite.training import stages as S
+from imagen_lite.training.config import TrainConfig
+from imagen_lite.training.data import caption_words, indices_for, open_source
+from imagen_lite.training.loop import latest_step, stage_loss, train
+
+STAGES = [("imagen", "base"), ("imagen", "sr"), ("dalle2", "clip"), ("dalle2", "prior"), ("dalle2", "decoder"),
+          ("dalle2", "sr")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_imagefolder(tmp_path_factory.mktemp("captions") / "data", 4, seed=0, size=64)
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory, data_dir):
+    """A saved from-scratch tiny pipeline per family (dalle2 with its CLIP vision tower, as the
+    clip stage leaves it): the start point the fine-tuning runs load."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            words = caption_words(open_source(str(data_dir)))
+            pipe, encoder, processor = S.build_scratch(family, "tiny", words, seed=0)
+            path = tmp_path_factory.mktemp("start") / family
+            pipe.save_pretrained(path, safe_serialization=True)
+            if encoder is not None:
+                encoder.save_pretrained(path / "image_encoder", safe_serialization=True)
+                processor.save_pretrained(path / "feature_extractor")
+            made[family] = str(path)
+        return made[family]
+
+    return get
+
+
+def config(data_dir, out, **kw) -> TrainConfig:
+    base = dict(data=str(data_dir), out=str(out), max_steps=8, batch_size=4, lr=1e-3, warmup_steps=0,
+                caption_dropout=0.0, ema_decay=None, checkpoint_every=100, log_every=1, sr_crop=(8, 16))  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def images_of(family, model, lora=None):
+    """(1, 32, 32, 3) float images in [0, 1] from the saved pipeline at ``model``."""
+    pipe = api.load_pipeline(family, model=str(model), device="cpu", dtype="float32", lora=lora)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle", num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+               output_type="np")  # fmt: skip
+    return np.asarray(out.images)
+
+
+# ---------------------------------------------------------------------- every stage
+@pytest.mark.parametrize("family,stage", STAGES)
+def test_every_stage_trains_and_its_pipeline_generates(tmp_path, data_dir, start, family, stage):
+    cfg = config(data_dir, tmp_path / "out", family=family, stage=stage, model=start(family),
+                 train_text_encoder=True if stage == "base" else None)  # fmt: skip
+    before = stage_loss(cfg, cfg.model)
+    out = train(cfg)
+    after = stage_loss(cfg, out)
+    assert after < before, f"{family} {stage}: loss on the fixed batch went {before:.4f} -> {after:.4f}"
+    assert json.loads((out / "train_config.json").read_text())["stage"] == stage
+    images = images_of(family, out)
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_from_scratch_preset_trains_the_t5_jointly(tmp_path, data_dir):
+    out = train(config(data_dir, tmp_path / "out", model="tiny", max_steps=2))
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["train_text_encoder"] is True  # no pretrained T5 knows these words
+    ckpt = load_file(str(out / "checkpoints" / "step_000002" / "model.safetensors"))
+    assert any(k.startswith("parts.text_encoder.") for k in ckpt)
+    assert (out / "tokenizer").is_dir() and (out / "text_encoder").is_dir()
+
+
+# ---------------------------------------------------------------------- resume, EMA, dropout
+def test_resume_is_exact(tmp_path, data_dir):
+    run = dict(model="tiny", max_steps=4, batch_size=2, gradient_accumulation_steps=2, ema_decay=0.9,
+               lr_schedule="cosine", warmup_steps=1, checkpoint_every=2, caption_dropout=0.5)  # fmt: skip
+    a = train(config(data_dir, tmp_path / "a", **run))
+    b = train(config(data_dir, tmp_path / "b", stop_at=2, **run))
+    assert latest_step(b) == 2 and not (b / "model_index.json").exists()
+    train(config(data_dir, tmp_path / "b", resume="latest", **run))
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa = load_file(str(a / "checkpoints" / "step_000004" / name))
+        wb = load_file(str(b / "checkpoints" / "step_000004" / name))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=f"{name} {k}")
+    ua = load_file(str(a / "unet" / "diffusion_pytorch_model.safetensors"))
+    ub = load_file(str(b / "unet" / "diffusion_pytorch_model.safetensors"))
+    for k in ua:
+        torch.testing.assert_close(ua[k], ub[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.5])
+def test_ema_of_the_trained_weights_is_exported(tmp_path, data_dir, start, ema_decay):
+    out = train(config(data_dir, tmp_path / "out", model=start("imagen"), max_steps=2, checkpoint_every=1,
+                       ema_decay=ema_decay))  # fmt: skip
+    w1 = load_file(str(out / "checkpoints" / "step_000001" / "model.safetensors"))
+    w2 = load_file(str(out / "checkpoints" / "step_000002" / "model.safetensors"))
+    exported = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    key = "conv_in.weight"
+    raw1, raw2 = w1[f"parts.unet.{key}"], w2[f"parts.unet.{key}"]
+    assert not torch.allclose(raw1, raw2)
+    if ema_decay is None:
+        torch.testing.assert_close(exported[key], raw2)
+    else:  # diffusers' EMAModel: decay 0 at its first step, then min(decay, (1 + n) / (10 + n)) = 2/11
+        d = 2 / 11
+        torch.testing.assert_close(exported[key], d * raw1 + (1 - d) * raw2, rtol=0, atol=1e-6)
+
+
+def test_caption_dropout_replaces_captions_and_the_loss_ignores_them(data_dir):
+    g = torch.Generator().manual_seed(0)
+    texts, drop = S.drop_captions(["a red circle"] * 2000, 0.25, g)
+    assert abs(drop.float().mean().item() - 0.25) < 0.03
+    assert all((t == "") == d for t, d in zip(texts, drop.tolist()))
+    assert S.drop_captions(["x"] * 10, 0.0, g)[0] == ["x"] * 10 and S.drop_captions(["x"] * 10, 1.0, g)[0] == [""] * 10
+
+    pipe, _, _ = S.build_scratch("imagen", "tiny", ["red", "blue", "circle", "square"], seed=0)
+    stage = S.get_stage("imagen", "base")
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+
+    def loss(p, texts):
+        cfg = TrainConfig(data=str(data_dir), out="x", caption_dropout=p, min_snr_gamma=None)
+        ctx = S.Context(pipe, cfg, S.noise_schedule(pipe, stage), torch.device("cpu"))
+        parts = torch.nn.ModuleDict({"unet": pipe.unet})
+        with torch.no_grad():
+            return stage.loss(parts, ctx, {"pixel_values": image, "text": texts}, torch.Generator().manual_seed(1))
+
+    a, b = ["a red circle", "a red circle"], ["a blue square", "a blue square"]
+    assert loss(1.0, a) == loss(1.0, b)  # every caption dropped: the captions cannot matter
+    assert loss(0.0, a) != loss(0.0, b)
+
+
+# ---------------------------------------------------------------------- LoRA
+@pytest.mark.parametrize("family,stage", [("imagen", "base"), ("dalle2", "sr")])
+def test_lora_saves_separately_reloads_and_changes_the_output(tmp_path, data_dir, start, family, stage):
+    pytest.importorskip("peft")
+    cfg = config(data_dir, tmp_path / "out", family=family, stage=stage, model=start(family), finetune="lora",
+                 lora_rank=4, lr=1e-2, max_steps=3, checkpoint_every=2)  # fmt: skip
+    out = train(cfg)
+    meta = json.loads((out / "lora" / "adapter_config.json").read_text())
+    assert set(meta["components"]) == set(S.get_stage(family, stage).lora_components)
+    ckpt = load_file(str(out / "checkpoints" / "step_000003" / "model.safetensors"))
+    assert ckpt and all("lora_" in k for k in ckpt)  # LoRA checkpoints hold the adapters only
+    plain = images_of(family, start(family))
+    adapted = images_of(family, start(family), lora=str(out / "lora"))
+    merged = images_of(family, out)
+    assert np.abs(plain - adapted).mean() > 1e-3
+    np.testing.assert_allclose(adapted, merged, atol=1e-4)  # adapters folded in == adapters on top
+    # a resumed LoRA run continues from its adapters
+    train(cfg.replace(max_steps=4, resume="latest"))
+    assert latest_step(out) == 4
+
+
+def test_load_lora_errors_name_the_path(tmp_path):
+    from imagen_lite.models.tiny import build_tiny_imagen
+    from imagen_lite.training.lora import load_lora
+
+    with pytest.raises(FileNotFoundError, match="not a LoRA directory"):
+        load_lora(build_tiny_imagen(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"format": "imagen-lite-lora", "pipeline": "UnCLIPLitePipeline", "components": {"decoder": {}}}))
+    with pytest.raises(ValueError, match="trained for a UnCLIPLitePipeline"):
+        load_lora(build_tiny_imagen(), tmp_path)
+
+
+# ---------------------------------------------------------------------- CLI, validation, logs
+def test_cli_train_writes_validation_images_logs_and_config(tmp_path, data_dir):
+    from imagen_lite.cli import main
+
+    out = tmp_path / "out"
+    (tmp_path / "run.json").write_text(json.dumps({"max_steps": 5, "batch_size": 2, "lr": 1e-3}))
+    rc = main(["train", "--family", "imagen", "--stage", "base", "--data", str(data_dir), "--out", str(out),
+               "--config", str(tmp_path / "run.json"), "--max-steps", "2", "--validation-every", "2",
+               "--validation-steps", "2", "--log-every", "1", "--validation-prompts", "a red circle", "a blue square"])  # fmt: skip
+    assert rc == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["max_steps"] == 2 and saved["batch_size"] == 2  # flags override the file
+    assert Image.open(out / "validation" / "step_000002.png").size == (32, 16)
+    if importlib.util.find_spec("tensorboard") is None:  # else accelerate's TensorBoard tracker
+        lines = (out / "logs" / "train_log.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    assert main(["train", "--family", "imagen", "--stage", "prior", "--data", str(data_dir), "--out", str(out)]) == 2
+
+
+# ---------------------------------------------------------------------- data
+def test_data_order_is_a_seeded_pure_function_split_across_ranks():
+    one = [i for m in range(2) for i in indices_for(m, 0, 1, 5, 10, data_seed=3)]
+    assert sorted(one) == list(range(10))  # an epoch is a permutation
+    assert one == [i for m in range(2) for i in indices_for(m, 0, 1, 5, 10, data_seed=3)]
+    assert one != [i for m in range(2) for i in indices_for(m, 0, 1, 5, 10, data_seed=4)]
+    r0, r1 = indices_for(0, 0, 2, 5, 10, 3), indices_for(0, 1, 2, 5, 10, 3)
+    assert sorted(r0 + r1) == list(range(10))  # ranks read disjoint slices of the global batch
+
+
+def _png(path, color=(255, 0, 0)):
+    Image.new("RGB", (20, 12), color).save(path)
+
+
+def test_txt_captions_and_skipped_items_are_counted(tmp_path):
+    for name in ("a", "b", "c"):
+        _png(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(f"a red {name}\n")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "broken.txt").write_text("a broken image")
+    _png(tmp_path / "empty.png")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.warns(UserWarning, match=r"skipped 2 of 5 items: 1 unreadable images.*1 empty captions"):
+        source = open_source(str(tmp_path))
+    assert len(source) == 3 and source.caption(0) == "a red a"
+
+
+def test_unreadable_image_mid_run_is_replaced_not_fatal(tmp_path):
+    from imagen_lite.training.data import Batches
+
+    for name in ("a", "b"):
+        _png(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(name)
+    source = open_source(str(tmp_path))
+    (tmp_path / "a.png").write_bytes(b"garbage")  # breaks after the check
+    with pytest.warns(UserWarning, match="could not read image"):
+        batch = Batches(source, {"pixel_values": 8}, 4, data_seed=0)(0)
+    assert batch["pixel_values"].shape == (4, 3, 8, 8) and set(batch["text"]) == {"b"}
+
+
+def test_datasets_dataset_with_columns(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"img": [Image.new("RGB", (8, 8))] * 2, "caption": ["a red circle", ""]})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    with pytest.warns(UserWarning, match="1 empty captions"):
+        source = open_source(str(tmp_path / "ds"), image_column="img", caption_column="caption")
+    assert len(source) == 1 and source.image(0).size == (8, 8)
+    with pytest.raises(ValueError, match="no column 'image'"):
+        open_source(str(tmp_path / "ds"), image_column="image", caption_column="caption")
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_data_is_an_error_naming_the_value(tmp_path):
+    with pytest.raises(FileNotFoundError, match="'/nonexistent/dir' does not exist"):
+        open_source("/nonexistent/dir")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is empty"):
+        open_source(str(tmp_path / "empty"))
+    nocap = tmp_path / "nocap"
+    nocap.mkdir()
+    _png(nocap / "x.png")
+    with pytest.raises(ValueError, match="1 images but no captions"):
+        open_source(str(nocap))
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    _png(meta / "x.png")
+    for line, match in [
+        ('{"file_name": "x.png", "text": "ok"}\n{not json', "line 2 is not JSON"),
+        ('{"file_name": "../x.png", "text": "a"}', r"file_name='../x.png'.*outside the folder"),
+        ('{"file_name": "/etc/passwd", "text": "a"}', r"file_name='/etc/passwd', an absolute path"),
+        ('{"file_name": "x.png", "caption": "a"}', "no caption key 'text'"),
+    ]:
+        (meta / "metadata.jsonl").write_text(line)
+        with pytest.raises(ValueError, match=match):
+            open_source(str(meta))
+
+
+def test_bad_run_config_is_an_error_before_any_step(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="stage='decoder' is not a stage of family 'imagen'"):
+        train(config(data_dir, tmp_path / "o", stage="decoder"))
+    with pytest.raises(ValueError, match="resolution=17 does not fit the base UNet.*multiple of 2"):
+        train(config(data_dir, tmp_path / "o", resolution=17))
+    with pytest.raises(ValueError, match="resolution=20 does not fit the CLIP vision tower"):
+        train(config(data_dir, tmp_path / "o", family="dalle2", stage="prior", resolution=20))
+    with pytest.raises(ValueError, match="mixed_precision='fp8' is not valid"):
+        train(config(data_dir, tmp_path / "o", mixed_precision="fp8"))
+    with pytest.raises(ValueError, match="unknown field"):
+        TrainConfig.from_dict({"stages": "base"})
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "truncate_state", "other_config"])
+def test_corrupt_checkpoint_or_other_run_is_refused_before_any_step(tmp_path, data_dir, damage):
+    cfg = config(data_dir, tmp_path / "out", model="tiny", max_steps=1)
+    out = train(cfg)
+    ckpt = out / "checkpoints" / "step_000001"
+    if damage == "truncate_weights":
+        data = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+        match = "step_000001.*corrupt or truncated"
+    elif damage == "truncate_state":
+        (ckpt / "state.pt").write_bytes((ckpt / "state.pt").read_bytes()[:100])
+        match = "step_000001.*corrupt or truncated"
+    else:
+        cfg = cfg.replace(lr=0.5)
+        match = r"different run config \(lr: 0.001 -> 0.5\)"
+    with pytest.raises(ValueError, match=match):
+        train(cfg.replace(max_steps=3, resume="latest"))
+    assert latest_step(out) == 1
