@@ -16,10 +16,11 @@ from dataclasses import fields
 from pathlib import Path
 
 from imagen_lite.training.default import (
-    DEFAULT_CACHE, BaseRunConfig, SRRunConfig, export_base_checkpoint, train_base, train_sr,
+    DEFAULT_CACHE, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint, train_base, train_dalle2, train_sr,
 )  # fmt: skip
 
-STAGES = {"imagen-base": BaseRunConfig, "imagen-sr": SRRunConfig}
+# dalle2: clip -> prior -> decoder -> sr with the generic `imagen-lite train` loop (DALLE2_PLAN)
+STAGES = {"imagen-base": BaseRunConfig, "imagen-sr": SRRunConfig, "dalle2": BaseRunConfig}
 
 
 def main(argv=None):
@@ -31,7 +32,7 @@ def main(argv=None):
     p.add_argument("--resume", default="latest", help="'latest', a step_* dir, or 'none' to start afresh")
     p.add_argument("--export", type=Path, default=None, help="write the EMA pipeline here at the end")
     p.add_argument("--base-dir", type=Path, default=None, help="imagen-sr: the trained base pipeline dir (frozen T5)")
-    p.add_argument("--export-only", action="store_true", help="imagen-base: export the latest checkpoint's EMA to --export, no training")
+    p.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA to --export (imagen-sr: on top of --base-dir), no training")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 when sharing the CPU with other jobs)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a config field")
     args = p.parse_args(argv)
@@ -50,11 +51,18 @@ def main(argv=None):
     cache = args.cache or DEFAULT_CACHE / args.stage
     resume = None if args.resume == "none" else args.resume
     if args.export_only:
-        if args.stage != "imagen-base" or args.export is None:
-            p.error("--export-only works with --stage imagen-base and needs --export DIR")
-        print(export_base_checkpoint(cache, args.export, args.resume))
+        if args.stage == "dalle2" or args.export is None:
+            p.error("--export-only works with --stage imagen-base|imagen-sr and needs --export DIR")
+        if args.stage == "imagen-base":
+            print(export_base_checkpoint(cache, args.export, args.resume))
+        elif args.base_dir is None:
+            p.error("--stage imagen-sr --export-only needs --base-dir (the base pipeline to put under the SR stage)")
+        else:
+            print(export_sr_checkpoint(cache, args.base_dir, args.export, args.resume))
         return
-    if args.stage == "imagen-base":
+    if args.stage == "dalle2":
+        result = train_dalle2(cache, args.minutes)
+    elif args.stage == "imagen-base":
         result = train_base(cfg, cache, args.minutes, resume, args.export, args.max_steps)
     else:
         if args.base_dir is None:

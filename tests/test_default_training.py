@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -76,3 +78,17 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         D.train_base(cfg, tmp_path / "run", minutes=10, resume="latest", max_steps=4)
+
+
+@pytest.mark.slow  # ~50 s on a shared 2-core CPU (five small trainings)
+def test_dalle2_default_trains_stage_after_stage_in_chunks_and_resumes(tmp_path):
+    from imagen_lite.training.default import train_dalle2
+    from imagen_lite.training.loop import latest_step
+
+    plan = (dict(stage="clip", max_steps=2, batch_size=2), dict(stage="prior", max_steps=3, batch_size=2))
+    assert train_dalle2(tmp_path, minutes=0, plan=plan, start="tiny") == {"clip": 0}  # no budget: nothing runs
+    assert train_dalle2(tmp_path, minutes=30, chunk=2, plan=plan, start="tiny") == {"clip": 2, "prior": 3}
+    assert latest_step(tmp_path / "prior") == 3
+    saved = json.loads((tmp_path / "prior" / "train_config.json").read_text())
+    assert saved["model"] == str(tmp_path / "clip")  # each stage starts from the previous stage's pipeline
+    assert train_dalle2(tmp_path, minutes=30, chunk=2, plan=plan, start="tiny") == {"clip": 2, "prior": 3}

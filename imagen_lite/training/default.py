@@ -468,3 +468,68 @@ def export_base_checkpoint(cache: Path, out_dir: Path, checkpoint: str = "latest
 
     load_model(ema, str(ckpt / "ema.safetensors"))
     return export_pipeline(cfg, tok, ema.module.text_encoder, ema.module.unet, scheduler, out_dir, defaults)
+
+
+
+def export_sr_checkpoint(cache: Path, base_dir: Path, out_dir: Path, checkpoint: str = "latest",
+                         defaults: dict | None = None) -> Path:
+    """Export base pipeline dir + the EMA weights of an SR checkpoint as one cascade (read-only:
+    safe while that run goes on)."""
+    ckpt = resolve_resume(cache, checkpoint)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint under {str(cache)!r} to export")
+    saved = json.loads((ckpt / "config.json").read_text())
+    cfg = SRRunConfig(**{k: v for k, v in saved.items() if k in SRRunConfig.__dataclass_fields__})
+    text_dim = json.loads((Path(base_dir) / "text_encoder" / "config.json").read_text())["d_model"]
+    unet = build_sr(cfg, text_dim)
+    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    from safetensors.torch import load_model
+
+    load_model(ema, str(ckpt / "ema.safetensors"))
+    return export_cascade(base_dir, ema.module, cfg, out_dir, defaults)
+
+# ---------------------------------------------------------------------- DALL-E 2 family
+# The DALL-E 2 default trains with the generic ``imagen-lite train`` loop (every stage of the
+# family is one of its stages), stage after stage, each starting from the previous stage's
+# pipeline directory: clip (contrastive, no pretrained CLIP knows shapes) -> prior -> decoder
+# -> sr. Budgets are optimizer steps; a run continues the first unfinished stage from its
+# newest checkpoint, in chunks of ``chunk`` steps so a wall-clock budget can stop it cleanly.
+DALLE2_PLAN: tuple[dict, ...] = (
+    dict(stage="clip", max_steps=600, batch_size=64, lr=5e-4),
+    dict(stage="prior", max_steps=2000, batch_size=32, lr=5e-4),
+    dict(stage="decoder", max_steps=4000, batch_size=32, lr=5e-4),
+    # Karlo's SR UNets run at full 256px resolution (no pixel-unshuffle): small batches of small
+    # crops (64..96 px high-res) keep a step near 2 s on one core.
+    dict(stage="sr", max_steps=600, batch_size=8, lr=5e-4, sr_crop=(16, 24)),
+)
+
+
+def dalle2_stage_config(plan: dict, cache: Path, previous: str):
+    from .config import TrainConfig
+
+    common = dict(family="dalle2", data="shapes", model=previous, warmup_steps=100, lr_schedule="constant_with_warmup",
+                  caption_dropout=0.1, ema_decay=0.999, min_snr_gamma=5.0, checkpoint_every=100, keep_checkpoints=2,
+                  log_every=50, resume="latest")  # fmt: skip
+    common.update(plan)
+    return TrainConfig(out=str(Path(cache) / plan["stage"]), **common)
+
+
+def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN, start: str = "small") -> dict:
+    """Continue the DALL-E 2 default's training for ``minutes``; returns the steps per stage
+    reached (stages after the first unfinished one are absent)."""
+    from .loop import latest_step, train
+
+    deadline = time.monotonic() + 60 * minutes
+    previous, steps = start, {}
+    for item in plan:
+        cfg = dalle2_stage_config(item, cache, previous)
+        done = latest_step(cfg.out) or 0
+        while done < cfg.max_steps and time.monotonic() < deadline:
+            train(cfg.replace(stop_at=min(cfg.max_steps, done + chunk)))
+            done = latest_step(cfg.out) or 0
+            logger.info("dalle2 %s: step %d/%d", cfg.stage, done, cfg.max_steps)
+        steps[cfg.stage] = done
+        if done < cfg.max_steps:
+            break
+        previous = cfg.out
+    return steps
