@@ -151,7 +151,9 @@ def load_pipeline(pipeline: str = "imagen", model=None, device="auto", dtype="au
     """Load (or fetch from the cache) a pipeline placed on ``device`` in ``dtype``.
 
     Returns the diffusers pipeline object (``ImagenPipeline`` or ``UnCLIPLitePipeline``); its
-    ``imagen_lite_preset`` attribute holds the per-stage defaults ``generate()`` uses.
+    ``imagen_lite_preset`` attribute holds the per-stage defaults ``generate()`` uses and
+    ``imagen_lite_source`` says what was loaded (e.g. which embedded default, or that none is
+    installed); the same line is logged at INFO level on the ``imagen_lite`` logger.
     """
     presets.check_pipeline(pipeline)
     dev = runtime.resolve_device(device)
@@ -182,6 +184,7 @@ def _load_placed(pipeline, model, device, dtype, offload, scheduler=None, lora=N
             if getattr(pipe, attr, None) is not None:
                 setattr(pipe, attr, make_scheduler(name, getattr(pipe, attr).config))
     pipe.imagen_lite_preset = loaded.preset
+    pipe.imagen_lite_source = loaded.description
     logger.info("loaded %s on %s (%s)%s", loaded.description, device, dtype, " with CPU offload" if offload else "")
     _CACHE[key] = pipe
     return pipe

@@ -441,10 +441,14 @@ def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict 
     from ..pipelines.imagen import ImagenPipeline
     from ..presets import DEFAULTS_FILE, read_defaults
 
+    from diffusers import DDIMScheduler
+
     base = ImagenPipeline.from_pretrained(base_dir, torch_dtype=torch.float16)
+    # DDIM for the SR stage, as its evaluation (evaluate_sr) samples it: 10 steps suffice
+    sr_config = C.ddpm_scheduler(prediction_type="sample").config
     pipe = ImagenPipeline(
         tokenizer=base.tokenizer, text_encoder=base.text_encoder, unet=base.unet, scheduler=base.scheduler,
-        sr_unet=copy.deepcopy(sr_unet).half(), sr_scheduler=C.ddpm_scheduler(prediction_type="sample"),
+        sr_unet=copy.deepcopy(sr_unet).half(), sr_scheduler=DDIMScheduler.from_config(sr_config),
         image_noising_scheduler=C.noising_scheduler(), unshuffle_factor=base.config.unshuffle_factor,
         max_sequence_length=base.config.max_sequence_length, sr_unshuffle_factor=cfg.unshuffle_factor,
     )  # fmt: skip

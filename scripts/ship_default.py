@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Copy the embedded default's current weights from the training cache into the package.
+
+    python scripts/ship_default.py --family imagen --guidance 3,1 --steps 25,10 --scheduler ddim
+    python scripts/ship_default.py --family dalle2 --guidance 1,3,1 --steps 25,25,7
+
+imagen: the newest base checkpoint's EMA (``train_default/imagen-base``) + the newest SR
+checkpoint's EMA (``train_default/imagen-sr``) -> ``imagen_lite/weights/imagen``.
+dalle2: the newest decoder checkpoint of the chained run (``train_default/dalle2``) on top of
+its sr stage's pipeline (CLIP, prior, text_proj, SR) -> ``imagen_lite/weights/dalle2``, with
+its CLIP vision tower (``image_encoder/``) for ``encode_images`` and CLIP scores.
+
+Weights are written in float16 safetensors; ``imagen_lite_defaults.json`` records the
+generation defaults (chosen by the sweep in docs/model_card.md). Read-only on the cache: stop
+a run training the same stage first only if it might finish its stage meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from imagen_lite import presets
+from imagen_lite.training.default import (
+    DALLE2_PLAN, DEFAULT_CACHE, dalle2_stage_config, export_base_checkpoint, export_sr_checkpoint,
+)  # fmt: skip
+
+
+def numbers(text: str, kind):
+    return [kind(v) for v in text.split(",")]
+
+
+def swap_in(tmp: Path, out: Path) -> Path:
+    """Replace ``out`` by the finished directory ``tmp`` (never a half-written default)."""
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def ship_imagen(cache: Path, out: Path, defaults: dict) -> Path:
+    with tempfile.TemporaryDirectory() as work:
+        base = export_base_checkpoint(cache / "imagen-base", Path(work) / "base")
+        tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
+        export_sr_checkpoint(cache / "imagen-sr", base, tmp, defaults=defaults)
+    return swap_in(tmp, out)
+
+
+def ship_dalle2(cache: Path, out: Path, defaults: dict) -> Path:
+    from imagen_lite.pipelines.unclip import UnCLIPLitePipeline
+    from imagen_lite.training.loop import latest_step, train
+
+    plan = {p["stage"]: p for p in DALLE2_PLAN}
+    sr_dir = cache / "dalle2" / "sr"
+    cfg = dalle2_stage_config(plan["decoder"], cache / "dalle2", str(sr_dir))
+    step = latest_step(cfg.out)
+    if step is None:
+        raise FileNotFoundError(f"no decoder checkpoint under {cfg.out}; train with scripts/train_default.py --stage dalle2")
+    # a run whose max_steps is its checkpoint's step only writes the EMA pipeline into cfg.out
+    train(cfg.replace(max_steps=step))
+    src = Path(cfg.out)
+    pipe = UnCLIPLitePipeline.from_pretrained(src, torch_dtype=torch.float16, use_safetensors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    from transformers import CLIPVisionModelWithProjection
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(src / "image_encoder", use_safetensors=True)
+    encoder.to(torch.float16).save_pretrained(tmp / "image_encoder", safe_serialization=True)
+    shutil.copytree(src / "feature_extractor", tmp / "feature_extractor")
+    (tmp / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    return swap_in(tmp, out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=("imagen", "dalle2"), required=True)
+    p.add_argument("--steps", required=True, help="per stage, comma-separated")
+    p.add_argument("--guidance", required=True, help="per stage, comma-separated")
+    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--noise-level", type=int, default=100)
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    args = p.parse_args(argv)
+    defaults = {"num_inference_steps": numbers(args.steps, int), "guidance_scale": numbers(args.guidance, float),
+                "scheduler": args.scheduler, "noise_level": args.noise_level}  # fmt: skip
+    preset = presets.DEFAULT_IMAGEN if args.family == "imagen" else presets.DEFAULT_DALLE2
+    out = Path(preset.components["dir"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ship = ship_imagen if args.family == "imagen" else ship_dalle2
+    path = ship(args.cache, out, defaults)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"{path}: {size / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
