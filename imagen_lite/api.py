@@ -147,8 +147,12 @@ def _dir_preset(path: Path, pipeline: str, fallback: presets.Preset) -> presets.
 
 
 def load_pipeline(pipeline: str = "imagen", model=None, device="auto", dtype="auto", offload: bool = False,
-                  scheduler: str | None = None, lora=None):
+                  scheduler: str | None = None, lora=None, compile: bool = False):
     """Load (or fetch from the cache) a pipeline placed on ``device`` in ``dtype``.
+
+    ``compile=True`` wraps the denoising networks in ``torch.compile`` (opt-in: each new shape
+    pays a compilation, minutes on a CPU, before it runs faster; see
+    :func:`imagen_lite.pipelines.speed.compile_models`). Not with ``offload``.
 
     Returns the diffusers pipeline object (``ImagenPipeline`` or ``UnCLIPLitePipeline``); its
     ``imagen_lite_preset`` attribute holds the per-stage defaults ``generate()`` uses and
@@ -160,11 +164,32 @@ def load_pipeline(pipeline: str = "imagen", model=None, device="auto", dtype="au
     dt = runtime.resolve_dtype(dtype, dev)
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={scheduler!r} is not known; use one of {sorted(SCHEDULERS)}")
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile={compile!r} must be True or False")
+    if compile and offload:
+        raise ValueError("compile=True and offload=True do not go together (offload hooks re-enter the compiled graphs)")
 
     def load(d, t, off):
+        if compile:
+            return _load_compiled(pipeline, model, d, t, offload or off, scheduler, lora)
         return _load_placed(pipeline, model, d, t, offload or off, scheduler, lora)
 
     return runtime.run_with_fallback(load, dev, dt, auto=(device in (None, "auto")) and not offload)
+
+
+def _load_compiled(pipeline, model, device, dtype, offload, scheduler=None, lora=None):
+    """A compiled twin of the cached pipeline, cached apart (the plain one stays plain)."""
+    from .pipelines.speed import compile_models
+
+    key = ("compiled", pipeline, _model_key(model), str(device), str(dtype), offload, scheduler, str(lora) if lora else None)
+    if key not in _CACHE:
+        plain = _load_placed(pipeline, model, device, dtype, offload, scheduler, lora)
+        pipe = type(plain)(**plain.components, **{k: v for k, v in plain.config.items() if not k.startswith("_") and k not in plain.components})
+        pipe.imagen_lite_preset, pipe.imagen_lite_source = plain.imagen_lite_preset, plain.imagen_lite_source
+        names = compile_models(pipe)
+        logger.info("torch.compile on %s (compiled at the first call of each shape)", names)
+        _CACHE[key] = pipe
+    return _CACHE[key]
 
 
 def _load_placed(pipeline, model, device, dtype, offload, scheduler=None, lora=None):

@@ -35,7 +35,8 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import sampling
-from .common import check_output_type, check_prompt, per_stage, postprocess, run_finite, timed, tokenize
+from .common import check_output_type, check_prompt, inference_call, per_stage, postprocess, run_finite, timed, tokenize
+from .speed import reuse_constant_inputs
 from .output import ImageLiteOutput
 
 
@@ -132,7 +133,7 @@ class ImagenPipeline(DiffusionPipeline):
         return embeds
 
     # ------------------------------------------------------------------ call
-    @torch.no_grad()
+    @inference_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -229,7 +230,7 @@ class ImagenPipeline(DiffusionPipeline):
             def model_fn(model_input, t, i):
                 return unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
 
-            with self.progress_bar(total=steps[0]) as bar:
+            with self.progress_bar(total=steps[0]) as bar, reuse_constant_inputs(unet):
                 x = sampling.denoise(
                     model_fn, scheduler, x, scheduler.timesteps,
                     guidance_scale=guidance[0], do_classifier_free_guidance=cfg,
@@ -269,7 +270,7 @@ class ImagenPipeline(DiffusionPipeline):
                 def model_fn(model_input, t, i):
                     return unet(model_input, t, encoder_hidden_states=context, class_labels=labels, return_dict=False)[0]
 
-                with self.progress_bar(total=steps[k]) as bar:
+                with self.progress_bar(total=steps[k]) as bar, reuse_constant_inputs(unet):
                     x = sampling.denoise(
                         model_fn, scheduler, x, scheduler.timesteps,
                         guidance_scale=guidance[k], do_classifier_free_guidance=cfg, cond_image=upscaled,

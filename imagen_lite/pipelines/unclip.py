@@ -43,7 +43,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import sampling
 from ..models.text_proj import UnCLIPTextProjection
-from .common import check_output_type, check_prompt, per_stage, postprocess, run_finite, timed, tokenize
+from .common import check_output_type, check_prompt, inference_call, per_stage, postprocess, run_finite, timed, tokenize
+from .speed import reuse_constant_inputs
 from .output import ImageLiteOutput
 
 
@@ -160,7 +161,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         return CLIPTextEmbeds(out.text_embeds, out.last_hidden_state, inputs.attention_mask.bool().to(device))
 
     # ------------------------------------------------------------------ call
-    @torch.no_grad()
+    @inference_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -281,7 +282,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                     encoder_hidden_states=text.hidden_states, attention_mask=text.mask,
                 ).predicted_image_embedding  # fmt: skip
 
-            with self.progress_bar(total=steps[0]) as bar:
+            with self.progress_bar(total=steps[0]) as bar, reuse_constant_inputs(prior):
                 z = sampling.denoise(
                     model_fn, scheduler, z, scheduler.timesteps,
                     guidance_scale=guidance[0], do_classifier_free_guidance=cfg_prior,
@@ -322,7 +323,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                     attention_mask=mask, return_dict=False,
                 )[0]  # fmt: skip
 
-            with self.progress_bar(total=steps[1]) as bar:
+            with self.progress_bar(total=steps[1]) as bar, reuse_constant_inputs(decoder):
                 x = sampling.denoise(
                     model_fn, scheduler, x, scheduler.timesteps,
                     guidance_scale=guidance[1], do_classifier_free_guidance=cfg_decoder,
