@@ -1,4 +1,4 @@
-"""``imagen-lite``: generate | data | eval | train | compare (and more as they land).
+"""``imagen-lite``: generate | data | eval | train | compare | bench (and more as they land).
 
 Errors in user input (ValueError, FileNotFoundError) print as one line on stderr, without a
 traceback, and exit with status 2. Progress bars go to stderr; files go where asked.
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_shapes(sub)
     from .cli_train import register as register_train; register_train(sub)  # noqa: E702
     from .cli_compare import register as register_compare; register_compare(sub)  # noqa: E702
+    from .cli_bench import register as register_bench; register_bench(sub)  # noqa: E702
     return parser
 
 

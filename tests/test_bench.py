@@ -1,0 +1,232 @@
+"""The benchmark's plumbing (scripts/bench.py, imagen-lite bench) on tiny configs, one round, CPU
+-- not its timings -- and the exact speed work it justified (constant-input reuse,
+inference mode), which must leave every output bit for bit as it was."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagen_lite.cli_bench import build_parser, run
+from imagen_lite.evaluation import bench as B
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--rounds", "1", "--warmup", "0", "--threads", "1"]
+
+
+def _reference():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_generate import unclip_reference
+    finally:
+        sys.path.pop(0)
+    return unclip_reference()
+
+
+def _imagen_pytorch_usable() -> bool:
+    try:
+        B.import_imagen_pytorch_unet()
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny ImagenPipeline directory with generation defaults (for the quality section)."""
+    from imagen_lite.pipelines.imagen import ImagenPipeline
+
+    d = tmp_path_factory.mktemp("bench") / "tiny"
+    ImagenPipeline(**B.build_imagen_parts(B.IMAGEN_CASES["tiny"]), max_sequence_length=77).save_pretrained(d)
+    (d / "imagen_lite_defaults.json").write_text(json.dumps({"num_inference_steps": [2], "guidance_scale": [2.0]}))
+    return d
+
+
+def test_bench_every_section_tiny_one_round(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "bench.json"
+    args = build_parser().parse_args([
+        "--sections", "sampling", "quality", "training", "gpu", "--cases", "tiny", "--steps", "2", "2",
+        "--model-dir", str(tiny_dir), "--quality-schedulers", "ddim", "--quality-steps", "2",
+        "--quality-prompts", "2", "--quality-batch", "2", "--train-batch", "1", "--gpu-unet", "tiny",
+        "--json", str(out), *FAST,
+    ])  # fmt: skip
+    report = run(args, unclip_reference=_reference())
+    printed = capsys.readouterr().out
+
+    # the machine heads the table; the JSON holds the same report
+    assert printed.startswith("Machine: ") and "cores" in printed and "load average" in printed
+    saved = json.loads(out.read_text())
+    assert set(saved["machine"]) >= {"cpu", "cores", "ram_gib", "gpu", "torch", "diffusers", "date", "load_average"}
+    assert saved["sections"] == ["sampling", "quality", "training", "gpu"]
+
+    # (a) sampling: per-stage rows and end to end for both families, same images as diffusers
+    rows = saved["sampling"]
+    assert [(r["family"], r["stage"]) for r in rows] == [
+        ("imagen", "base"), ("imagen", "sr_32"), ("imagen", "end to end"),
+        ("unclip", "prior"), ("unclip", "decoder"), ("unclip", "sr_32"), ("unclip", "end to end"),
+    ]  # fmt: skip
+    for r in rows:
+        assert r["max_abs_diff"] < 1e-4, r
+        assert r["lite_s"] > 0 and r["diffusers_s"] > 0 and r["ratio"] > 0 and r["ratio_cpu"] > 0
+    assert "| family | case | stage |" in printed
+
+    # (b) quality per second: the directory's default row first, a Pareto flag on every row
+    q = saved["quality"]
+    assert [(r["scheduler"], r["steps"], r["note"]) for r in q["rows"]] == [
+        ("DDPMScheduler", 2, "model default"), ("ddim", 2, ""),
+    ]
+    assert all(isinstance(r["pareto"], bool) and 0 <= r["accuracy"] <= 100 and r["n_images"] == 2 for r in q["rows"])
+    assert any(r["pareto"] for r in q["rows"])
+    assert q["acceptance"] is None  # no DDPM-100 reference row ran
+
+    # (c) training: our row always; imagen-pytorch's only when it is installed, else said why
+    t = saved["training"]
+    assert t["rows"][0]["impl"] == "imagen-lite" and t["rows"][0]["samples_per_s"] > 0
+    if _imagen_pytorch_usable():
+        assert [r["impl"] for r in t["rows"]] == ["imagen-lite", "imagen-pytorch"]
+        assert abs(t["rows"][1]["params_m"] / t["rows"][0]["params_m"] - 1) <= 0.10
+    else:
+        assert len(t["rows"]) == 1
+        assert "imagen-pytorch" in saved["skipped"]["training (imagen-pytorch)"]
+        assert "Skipped training (imagen-pytorch): imagen-pytorch is not usable here" in printed
+
+    # (d) GPU: measured on CUDA, else skipped with the reason printed
+    if torch.cuda.is_available():
+        assert saved["gpu"] and saved["gpu"][-1]["stage"] == "end to end"
+    else:
+        assert saved["gpu"] == [] and "no CUDA" in saved["skipped"]["gpu"]
+        assert "Skipped gpu: no CUDA device here" in printed
+
+
+def test_bench_skips_quality_without_a_pipeline_directory(tmp_path, capsys):
+    args = build_parser().parse_args(["--sections", "quality", *FAST])
+    report = run(args, unclip_reference=None)
+    assert "no --model-dir given" in report["skipped"]["quality"]
+    args = build_parser().parse_args(["--sections", "quality", "--model-dir", str(tmp_path / "missing"), *FAST])
+    report = run(args, unclip_reference=None)
+    assert "is not a pipeline directory" in report["skipped"]["quality"]
+    assert "Skipped quality:" in capsys.readouterr().out
+
+
+def test_bench_without_the_unclip_reference_says_so(capsys):
+    args = build_parser().parse_args(["--sections", "sampling", "--cases", "default", "--families", "unclip", *FAST])
+    report = run(args, unclip_reference=None)
+    assert report["sampling"] == []
+    assert any("unclip/default" in n for n in report["notes"])
+
+
+def test_cli_bench_is_registered(capsys):
+    from imagen_lite.cli import main
+
+    assert main(["bench", "--sections", "quality", *FAST]) == 0
+    assert "Skipped quality: no --model-dir given" in capsys.readouterr().out
+    assert main(["bench", "--sections", "quality", "--quality-default", "ddim", "--model-dir", str(ROOT), *FAST]) == 2
+    with pytest.raises(SystemExit):
+        main(["bench", "--sections", "nonsense"])
+
+
+def test_scripts_bench_runs_as_a_script(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--sections", "gpu", "--json", str(out), *FAST])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts scripts/ on it
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "scripts" / "bench.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("Machine: ")
+    assert json.loads(out.read_text())["sections"] == ["gpu"]
+
+
+def test_imagen_pytorch_is_not_a_runtime_dependency():
+    text = (ROOT / "pyproject.toml").read_text()
+    deps = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert "imagen-pytorch" not in deps
+    assert 'bench = ["imagen-pytorch' in text
+    for path in (ROOT / "imagen_lite").rglob("*.py"):
+        for line in path.read_text().splitlines():
+            assert not line.startswith(("import imagen_pytorch", "from imagen_pytorch")), f"{path}: top-level import"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("imagen_pytorch") is None, reason="imagen-pytorch (the bench extra) is not installed")
+def test_imagen_pytorch_unet_matches_parameter_count():
+    from imagen_lite.training.default import BaseRunConfig
+
+    cfg = BaseRunConfig()
+    unet, n = B.imagen_pytorch_unet(7_600_000, cfg.t5["d_model"], cfg.unet)
+    assert abs(n - 7_600_000) <= 760_000 and n == sum(p.numel() for p in unet.parameters())
+
+
+def test_pareto_front_marks_the_undominated():
+    rows = [{"cpu_seconds": 1, "accuracy": 50}, {"cpu_seconds": 2, "accuracy": 40}, {"cpu_seconds": 3, "accuracy": 60}]
+    B.pareto_front(rows, cost="cpu_seconds")
+    assert [r["pareto"] for r in rows] == [True, False, True]
+
+
+# ---------------------------------------------------------------------- the speed work
+
+
+def _tiny_pipelines():
+    from imagen_lite.pipelines.imagen import ImagenPipeline
+    from imagen_lite.pipelines.unclip import UnCLIPLitePipeline
+
+    imagen = ImagenPipeline(**B.build_imagen_parts(B.IMAGEN_CASES["tiny"]), max_sequence_length=77)
+    parts = B.build_unclip_parts("tiny")
+    unclip = UnCLIPLitePipeline(**parts)
+    for p in (imagen, unclip):
+        p.set_progress_bar_config(disable=True)
+    return imagen, unclip
+
+
+def test_constant_input_reuse_is_bit_exact_and_hits(monkeypatch):
+    from imagen_lite.pipelines import speed
+
+    imagen, unclip = _tiny_pipelines()
+    calls = {
+        "imagen": lambda: imagen(["a red circle"], num_inference_steps=(3, 2), guidance_scale=(5.0, 3.0),
+                                 generator=torch.Generator().manual_seed(0), output_type="pt", return_stage_outputs=True),
+        "unclip": lambda: unclip(["a red circle"], num_inference_steps=(3, 3, 2), guidance_scale=(4.0, 6.0, 1.0),
+                                 generator=torch.Generator().manual_seed(0), output_type="pt", return_stage_outputs=True),
+    }  # fmt: skip
+    hits = []
+    restore = speed._Memo.restore
+    monkeypatch.setattr(speed._Memo, "restore", lambda self: (hits.append(self.hits), restore(self)))
+    fast = {k: f() for k, f in calls.items()}
+    assert hits and sum(hits) > 0 and all(h in (0, 1, 2) for h in hits)  # 3-step stages: computed once, reused
+    monkeypatch.setattr(speed, "constant_input_modules", lambda model: [])
+    slow = {k: f() for k, f in calls.items()}
+    for k in calls:
+        assert torch.equal(fast[k].images, slow[k].images), k
+        for stage in fast[k].stage_images:
+            assert torch.equal(fast[k].stage_images[stage], slow[k].stage_images[stage]), (k, stage)
+    # the modules are left as they were: no memo remains on any submodule
+    for model in (imagen.unet, imagen.sr_unet, unclip.prior, unclip.decoder):
+        assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_outputs_are_ordinary_tensors_after_inference_mode():
+    imagen, _ = _tiny_pipelines()
+    out = imagen(["a red circle"], num_inference_steps=2, num_stages=1, generator=torch.Generator().manual_seed(0),
+                 output_type="pt", return_stage_outputs=True)  # fmt: skip
+    assert not out.images.is_inference() and not out.stage_images["base"].is_inference()
+    out.images.mul_(2)  # in place works outside inference mode
+    assert out["images"] is out.images
+
+
+def test_load_pipeline_compile_is_opt_in(tiny_dir):
+    from imagen_lite.api import load_pipeline
+    from imagen_lite.pipelines.speed import constant_input_modules
+
+    plain = load_pipeline("imagen", model=tiny_dir, device="cpu", dtype="float32")
+    compiled = load_pipeline("imagen", model=tiny_dir, device="cpu", dtype="float32", compile=True)
+    assert type(plain.unet).__name__ == "UNet2DConditionModel"
+    assert type(compiled.unet).__name__ == "OptimizedModule" and compiled.unet._orig_mod is plain.unet
+    assert compiled.unet.config.sample_size == plain.unet.config.sample_size
+    assert constant_input_modules(compiled.unet) == []  # compiled graphs are not memoised
+    with pytest.raises(ValueError, match="compile=True and offload=True"):
+        load_pipeline("imagen", model=tiny_dir, device="cpu", dtype="float32", compile=True, offload=True)
