@@ -14,7 +14,7 @@ balanced over its five categories), so the report scores each image exactly, per
 The CLIP score uses the DALL-E 2 default's own CLIP when it ships one -- which favours that
 pipeline, as the report says; the shapes accuracy is the neutral number.
 
-Until trained weights are installed in ``imagen_lite/weights/``, ``model=None`` falls back to
+If no trained weights are installed in ``imagen_lite/weights/``, ``model=None`` falls back to
 randomly initialised tiny pipelines (32 px, with a warning): the script still runs end to end,
 but the images are noise and the accuracies are 0.
 """
