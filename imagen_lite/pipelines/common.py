@@ -91,6 +91,19 @@ def postprocess(x: torch.Tensor, output_type: str):
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
 
 
+def finish(pipe, image: torch.Tensor, output_type: str, return_dict: bool, stage_outputs: dict, seconds: dict,
+           return_stage_outputs: bool):
+    """The end of both families' ``__call__``: free offload hooks, post-process the last
+    stage's image, and wrap it (with per-stage images and seconds) as diffusers callers expect."""
+    from .output import ImageLiteOutput
+
+    pipe.maybe_free_model_hooks()
+    images = postprocess(image, output_type)
+    if not return_dict:
+        return (images,)
+    return ImageLiteOutput(images=images, stage_images=stage_outputs if return_stage_outputs else {}, stage_seconds=seconds)
+
+
 @contextmanager
 def timed(store: dict, name: str):
     start = time.perf_counter()

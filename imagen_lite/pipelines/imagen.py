@@ -35,9 +35,8 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import sampling
-from .common import check_output_type, check_prompt, inference_call, per_stage, postprocess, run_finite, timed, tokenize
+from .common import check_output_type, check_prompt, finish, inference_call, per_stage, run_finite, timed, tokenize
 from .speed import reuse_constant_inputs
-from .output import ImageLiteOutput
 
 
 class ImagenPipeline(DiffusionPipeline):
@@ -284,13 +283,7 @@ class ImagenPipeline(DiffusionPipeline):
             stage_outputs[name] = image
 
         # 5. Post-process
-        self.maybe_free_model_hooks()
-        images = postprocess(image, output_type)
-        if not return_dict:
-            return (images,)
-        return ImageLiteOutput(
-            images=images, stage_images=stage_outputs if return_stage_outputs else {}, stage_seconds=seconds
-        )
+        return finish(self, image, output_type, return_dict, stage_outputs, seconds, return_stage_outputs)
 
 
 # ---------------------------------------------------------------------- loading DeepFloyd IF
