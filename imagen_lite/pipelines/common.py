@@ -168,3 +168,15 @@ def _ordinary(x):
     if isinstance(x, tuple):
         return type(x)(*(_ordinary(v) for v in x)) if hasattr(x, "_fields") else tuple(_ordinary(v) for v in x)
     return x
+
+
+def load_scheduler(repo: str, subfolder: str, default: str, **kw):
+    """A scheduler of the class its ``scheduler_config.json`` names (``default`` when it names
+    none: IF ships DDPMScheduler, Karlo UnCLIPScheduler), from a hub id or a local directory."""
+    import diffusers
+
+    config = diffusers.DDPMScheduler.load_config(repo, subfolder=subfolder, **kw)  # reads the JSON only
+    cls = getattr(diffusers, config.get("_class_name", default), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"{repo}/{subfolder} names scheduler {config.get('_class_name')!r}, which diffusers lacks")
+    return cls.from_config(config)

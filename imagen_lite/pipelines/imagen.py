@@ -35,7 +35,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import sampling
-from .common import check_output_type, check_prompt, finish, inference_call, per_stage, run_finite, timed, tokenize
+from .common import check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, run_finite, timed, tokenize
 from .speed import reuse_constant_inputs
 
 
@@ -287,17 +287,6 @@ class ImagenPipeline(DiffusionPipeline):
 
 
 # ---------------------------------------------------------------------- loading DeepFloyd IF
-def _load_scheduler(repo: str, subfolder: str, **kw):
-    """A scheduler of the class its ``scheduler_config.json`` names (IF ships DDPMScheduler)."""
-    import diffusers
-
-    config = diffusers.DDPMScheduler.load_config(repo, subfolder=subfolder, **kw)
-    cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), None)
-    if cls is None or not hasattr(cls, "from_config"):
-        raise ValueError(f"{repo}/{subfolder} names scheduler {config.get('_class_name')!r}, which diffusers lacks")
-    return cls.from_config(config)
-
-
 def from_if_repos(base: str, sr: list[str] = (), *, variant: str | None = None, torch_dtype=None) -> ImagenPipeline:
     """Assemble an :class:`ImagenPipeline` from DeepFloyd IF repos (hub ids or local dirs).
 
@@ -332,12 +321,12 @@ def from_if_repos(base: str, sr: list[str] = (), *, variant: str | None = None, 
         tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer"),
         text_encoder=t5(base),
         unet=unet(base),
-        scheduler=_load_scheduler(base, "scheduler"),
+        scheduler=load_scheduler(base, "scheduler", "DDPMScheduler"),
     )
     names = [("sr_unet", "sr_scheduler"), ("sr_unet_2", "sr_scheduler_2")]
     for (u, s), repo in zip(names, sr):
         parts[u] = unet(repo)
-        parts[s] = _load_scheduler(repo, "scheduler")
+        parts[s] = load_scheduler(repo, "scheduler", "DDPMScheduler")
         if "image_noising_scheduler" not in parts:
-            parts["image_noising_scheduler"] = _load_scheduler(repo, "image_noising_scheduler")
+            parts["image_noising_scheduler"] = load_scheduler(repo, "image_noising_scheduler", "DDPMScheduler")
     return ImagenPipeline(**parts)

@@ -43,7 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import sampling
 from ..models.text_proj import UnCLIPTextProjection
-from .common import check_output_type, check_prompt, finish, inference_call, per_stage, run_finite, timed, tokenize
+from .common import check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, run_finite, timed, tokenize
 from .speed import reuse_constant_inputs
 
 
@@ -392,17 +392,6 @@ def build_tiny_unclip(seed: int = 0) -> UnCLIPLitePipeline:
         return UnCLIPLitePipeline(**U.build_components(U.TINY_UNCLIP))
 
 
-def _load_scheduler(repo: str, subfolder: str, **kw):
-    """A scheduler of the class its ``scheduler_config.json`` names (Karlo ships UnCLIPScheduler)."""
-    import diffusers
-
-    config = diffusers.UnCLIPScheduler.load_config(repo, subfolder=subfolder, **kw)
-    cls = getattr(diffusers, config.get("_class_name", "UnCLIPScheduler"), None)
-    if cls is None or not hasattr(cls, "from_config"):
-        raise ValueError(f"{repo}/{subfolder} names scheduler {config.get('_class_name')!r}, which diffusers lacks")
-    return cls.from_config(config)
-
-
 def from_karlo_repo(repo: str, *, torch_dtype=None) -> UnCLIPLitePipeline:
     """Assemble an :class:`UnCLIPLitePipeline` from a ``kakaobrain/karlo-v1-alpha``-layout repo
     (hub id or local dir), component by component.
@@ -431,14 +420,14 @@ def from_karlo_repo(repo: str, *, torch_dtype=None) -> UnCLIPLitePipeline:
         prior=PriorTransformer.from_pretrained(repo, subfolder="prior", **load),
         text_proj=UnCLIPTextProjection.from_pretrained(repo, subfolder="text_proj", **load),
         decoder=UNet2DConditionModel.from_pretrained(repo, subfolder="decoder", **load),
-        prior_scheduler=_load_scheduler(repo, "prior_scheduler"),
-        decoder_scheduler=_load_scheduler(repo, "decoder_scheduler"),
+        prior_scheduler=load_scheduler(repo, "prior_scheduler", "UnCLIPScheduler"),
+        decoder_scheduler=load_scheduler(repo, "decoder_scheduler", "UnCLIPScheduler"),
         unshuffle_factor=index.get("unshuffle_factor", 1),
     )
     if (index.get("super_res_first") or [None])[0]:
         parts.update(
             super_res_first=UNet2DModel.from_pretrained(repo, subfolder="super_res_first", **load),
             super_res_last=UNet2DModel.from_pretrained(repo, subfolder="super_res_last", **load),
-            super_res_scheduler=_load_scheduler(repo, "super_res_scheduler"),
+            super_res_scheduler=load_scheduler(repo, "super_res_scheduler", "UnCLIPScheduler"),
         )
     return UnCLIPLitePipeline(**parts)
