@@ -460,39 +460,41 @@ def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict 
     return out_dir
 
 
-def export_base_checkpoint(cache: Path, out_dir: Path, checkpoint: str = "latest", defaults: dict | None = None) -> Path:
-    """Export the EMA weights of a base checkpoint (read-only: safe while that run goes on)."""
+def _checkpoint_ema(cache: Path, checkpoint: str, config_cls, build):
+    """``(cfg, ema_module)`` of a checkpoint: its run config read back as ``config_cls``, and the
+    module ``build(cfg)`` makes with the checkpoint's EMA weights loaded (read-only: safe while
+    that run goes on)."""
+    from safetensors.torch import load_model
+
     ckpt = resolve_resume(cache, checkpoint)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint under {str(cache)!r} to export")
     saved = json.loads((ckpt / "config.json").read_text())
-    cfg = BaseRunConfig(**{k: v for k, v in saved.items() if k in BaseRunConfig.__dataclass_fields__})
-    tok, t5, unet, scheduler = build_base(cfg)
-    model = Trainable(t5, unet)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    from safetensors.torch import load_model
-
+    cfg = config_cls(**{k: v for k, v in saved.items() if k in config_cls.__dataclass_fields__})
+    ema = AveragedModel(build(cfg), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     load_model(ema, str(ckpt / "ema.safetensors"))
-    return export_pipeline(cfg, tok, ema.module.text_encoder, ema.module.unet, scheduler, out_dir, defaults)
+    return cfg, ema.module
 
+
+def export_base_checkpoint(cache: Path, out_dir: Path, checkpoint: str = "latest", defaults: dict | None = None) -> Path:
+    """Export the EMA weights of a base checkpoint as a 64px pipeline directory."""
+    built = {}
+
+    def build(cfg):
+        built["tok"], t5, unet, built["scheduler"] = build_base(cfg)
+        return Trainable(t5, unet)
+
+    cfg, model = _checkpoint_ema(cache, checkpoint, BaseRunConfig, build)
+    return export_pipeline(cfg, built["tok"], model.text_encoder, model.unet, built["scheduler"], out_dir, defaults)
 
 
 def export_sr_checkpoint(cache: Path, base_dir: Path, out_dir: Path, checkpoint: str = "latest",
                          defaults: dict | None = None) -> Path:
-    """Export base pipeline dir + the EMA weights of an SR checkpoint as one cascade (read-only:
-    safe while that run goes on)."""
-    ckpt = resolve_resume(cache, checkpoint)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint under {str(cache)!r} to export")
-    saved = json.loads((ckpt / "config.json").read_text())
-    cfg = SRRunConfig(**{k: v for k, v in saved.items() if k in SRRunConfig.__dataclass_fields__})
+    """Export base pipeline dir + the EMA weights of an SR checkpoint as one cascade."""
     text_dim = json.loads((Path(base_dir) / "text_encoder" / "config.json").read_text())["d_model"]
-    unet = build_sr(cfg, text_dim)
-    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    from safetensors.torch import load_model
+    cfg, unet = _checkpoint_ema(cache, checkpoint, SRRunConfig, lambda cfg: build_sr(cfg, text_dim))
+    return export_cascade(base_dir, unet, cfg, out_dir, defaults)
 
-    load_model(ema, str(ckpt / "ema.safetensors"))
-    return export_cascade(base_dir, ema.module, cfg, out_dir, defaults)
 
 # ---------------------------------------------------------------------- DALL-E 2 family
 # The DALL-E 2 default trains with the generic ``imagen-lite train`` loop (every stage of the
