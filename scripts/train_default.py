@@ -19,13 +19,14 @@ from imagen_lite.training.default import (
     DEFAULT_CACHE, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint, train_base, train_dalle2, train_sr,
 )  # fmt: skip
 
-# dalle2: clip -> prior -> decoder -> sr with the generic `imagen-lite train` loop (DALLE2_PLAN)
-STAGES = {"imagen-base": BaseRunConfig, "imagen-sr": SRRunConfig, "dalle2": BaseRunConfig}
+# Run configs of the Imagen stages; "dalle2" chains clip -> prior -> sr -> decoder with the
+# generic `imagen-lite train` loop, its recipe in DALLE2_PLAN (no --set there).
+STAGES = {"imagen-base": BaseRunConfig, "imagen-sr": SRRunConfig}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=sorted(STAGES), default="imagen-base")
+    p.add_argument("--stage", choices=[*sorted(STAGES), "dalle2"], default="imagen-base")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this run")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--cache", type=Path, default=None, help="checkpoint folder (default: %s/<stage>)" % DEFAULT_CACHE)
@@ -41,6 +42,12 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
+    cache = args.cache or DEFAULT_CACHE / args.stage
+    if args.stage == "dalle2":
+        if args.set or args.export_only:
+            p.error("--stage dalle2 takes its recipe from DALLE2_PLAN (imagen_lite/training/default.py): no --set or --export-only")
+        print(json.dumps(train_dalle2(cache, args.minutes), indent=2))
+        return
     cfg = STAGES[args.stage]()
     names = {f.name for f in fields(cfg)}
     for item in args.set:
@@ -48,11 +55,10 @@ def main(argv=None):
         if key not in names:
             p.error(f"--set {item!r}: unknown field {key!r}; known: {sorted(names)}")
         setattr(cfg, key, json.loads(value))
-    cache = args.cache or DEFAULT_CACHE / args.stage
     resume = None if args.resume == "none" else args.resume
     if args.export_only:
-        if args.stage == "dalle2" or args.export is None:
-            p.error("--export-only works with --stage imagen-base|imagen-sr and needs --export DIR")
+        if args.export is None:
+            p.error("--export-only needs --export DIR")
         if args.stage == "imagen-base":
             print(export_base_checkpoint(cache, args.export, args.resume))
         elif args.base_dir is None:
@@ -60,9 +66,7 @@ def main(argv=None):
         else:
             print(export_sr_checkpoint(cache, args.base_dir, args.export, args.resume))
         return
-    if args.stage == "dalle2":
-        result = train_dalle2(cache, args.minutes)
-    elif args.stage == "imagen-base":
+    if args.stage == "imagen-base":
         result = train_base(cfg, cache, args.minutes, resume, args.export, args.max_steps)
     else:
         if args.base_dir is None:
