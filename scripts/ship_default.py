@@ -10,8 +10,9 @@ dalle2: the newest decoder checkpoint of the chained run (``train_default/dalle2
 its sr stage's pipeline (CLIP, prior, text_proj, SR) -> ``imagen_lite/weights/dalle2``, with
 its CLIP vision tower (``image_encoder/``) for ``encode_images`` and CLIP scores.
 
-Weights are written in float16 safetensors; ``imagen_lite_defaults.json`` records the
-generation defaults (chosen by the sweep in docs/model_card.md). Read-only on the cache: stop
+Weights are written in float16 safetensors; ``training_state.json`` records each stage's
+steps, wall hours and recipe (a new machine's training run starts from it, see
+``scripts/train_default.py``); ``imagen_lite_defaults.json`` records the generation defaults (chosen by the sweep in docs/model_card.md). Read-only on the cache: stop
 a run training the same stage first only if it might finish its stage meanwhile.
 """
 
@@ -27,7 +28,8 @@ import torch
 
 from imagen_lite import presets
 from imagen_lite.training.default import (
-    DALLE2_PLAN, DEFAULT_CACHE, dalle2_stage_config, export_base_checkpoint, export_sr_checkpoint,
+    DALLE2_PLAN, DEFAULT_CACHE, dalle2_stage_config, dalle2_training_state, export_base_checkpoint, export_sr_checkpoint,
+    write_training_state,
 )  # fmt: skip
 
 
@@ -58,6 +60,9 @@ def ship_dalle2(cache: Path, out: Path, defaults: dict) -> Path:
     plan = {p["stage"]: p for p in DALLE2_PLAN}
     sr_dir = cache / "dalle2" / "sr"
     cfg = dalle2_stage_config(plan["decoder"], cache / "dalle2", str(sr_dir))
+    seed = Path(cfg.out) / "warm_start.json"  # a decoder seeded by shipped weights starts from them
+    if seed.is_file():
+        cfg = cfg.replace(model=json.loads(seed.read_text())["from"])
     step = latest_step(cfg.out)
     if step is None:
         raise FileNotFoundError(f"no decoder checkpoint under {cfg.out}; train with scripts/train_default.py --stage dalle2")
@@ -73,6 +78,7 @@ def ship_dalle2(cache: Path, out: Path, defaults: dict) -> Path:
     encoder.to(torch.float16).save_pretrained(tmp / "image_encoder", safe_serialization=True)
     shutil.copytree(src / "feature_extractor", tmp / "feature_extractor")
     (tmp / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    write_training_state(tmp, dalle2_training_state(cache / "dalle2"))
     return swap_in(tmp, out)
 
 

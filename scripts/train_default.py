@@ -5,7 +5,10 @@
 
 The full resume state (weights, EMA, optimizer, step, RNG) lives in --cache (default
 ~/.cache/imagen-lite/train_default/<stage>), outside the repository; every run continues
-from the newest checkpoint there. --export writes the EMA weights as an fp16 pipeline
+from the newest checkpoint there. On a new machine (empty cache) a run starts from the shipped
+weights in imagen_lite/weights/<family> (--warm-start shipped, the default): the step and
+hour counters continue from their training_state.json, AdamW starts afresh. --warm-start
+none trains from scratch. --export writes the EMA weights as an fp16 pipeline
 directory (imagen_lite/weights/imagen ships it). The log and the shapes-accuracy curve
 (curve.jsonl) sit beside the checkpoints.
 """
@@ -15,8 +18,9 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from imagen_lite import presets
 from imagen_lite.training.default import (
-    DEFAULT_CACHE, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint, train_base, train_dalle2, train_sr,
+    DEFAULT_CACHE, TRAINING_STATE_FILE, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint, train_base, train_dalle2, train_sr,
 )  # fmt: skip
 
 # Run configs of the Imagen stages; "dalle2" chains clip -> prior -> sr -> decoder with the
@@ -34,6 +38,9 @@ def main(argv=None):
     p.add_argument("--export", type=Path, default=None, help="write the EMA pipeline here at the end")
     p.add_argument("--base-dir", type=Path, default=None, help="imagen-sr: the trained base pipeline dir (frozen T5)")
     p.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA to --export (imagen-sr: on top of --base-dir), no training")
+    p.add_argument("--warm-start", default="shipped",
+                   help="with no checkpoint in the cache, start from these exported weights: 'shipped' (the package's "
+                        "default, %(default)s), a pipeline dir, or 'none' for from scratch")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 when sharing the CPU with other jobs)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a config field")
     args = p.parse_args(argv)
@@ -43,10 +50,17 @@ def main(argv=None):
 
         torch.set_num_threads(args.threads)
     cache = args.cache or DEFAULT_CACHE / args.stage
+    family = "dalle2" if args.stage == "dalle2" else "imagen"
+    warm_start = {"none": None, "shipped": presets.WEIGHTS_DIR / family}.get(args.warm_start, Path(args.warm_start))
+    if warm_start is not None and not (warm_start / TRAINING_STATE_FILE).is_file():
+        if args.warm_start != "shipped":
+            p.error(f"--warm-start {args.warm_start!r}: no {TRAINING_STATE_FILE} there (an exported default directory "
+                    f"is needed), or pass 'none'")  # fmt: skip
+        warm_start = None  # nothing shipped yet (a checkout before the first ship): from scratch
     if args.stage == "dalle2":
         if args.set or args.export_only:
             p.error("--stage dalle2 takes its recipe from DALLE2_PLAN (imagen_lite/training/default.py): no --set or --export-only")
-        print(json.dumps(train_dalle2(cache, args.minutes), indent=2))
+        print(json.dumps(train_dalle2(cache, args.minutes, warm_start=warm_start), indent=2))
         return
     cfg = STAGES[args.stage]()
     names = {f.name for f in fields(cfg)}
@@ -67,11 +81,12 @@ def main(argv=None):
             print(export_sr_checkpoint(cache, args.base_dir, args.export, args.resume))
         return
     if args.stage == "imagen-base":
-        result = train_base(cfg, cache, args.minutes, resume, args.export, args.max_steps)
+        result = train_base(cfg, cache, args.minutes, resume, args.export, args.max_steps, warm_start=warm_start)
     else:
-        if args.base_dir is None:
+        base_dir = args.base_dir or warm_start  # the shipped cascade carries the base's T5
+        if base_dir is None:
             p.error("--stage imagen-sr needs --base-dir (an exported base pipeline directory)")
-        result = train_sr(cfg, args.base_dir, cache, args.minutes, resume, args.export, args.max_steps)
+        result = train_sr(cfg, base_dir, cache, args.minutes, resume, args.export, args.max_steps, warm_start=warm_start)
     print(json.dumps(result, indent=2))
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import imagen_lite
 from imagen_lite.training import default as D
@@ -92,3 +92,59 @@ def test_dalle2_default_trains_stage_after_stage_in_chunks_and_resumes(tmp_path)
     saved = json.loads((tmp_path / "prior" / "train_config.json").read_text())
     assert saved["model"] == str(tmp_path / "clip")  # each stage starts from the previous stage's pipeline
     assert train_dalle2(tmp_path, minutes=30, chunk=2, plan=plan, start="tiny") == {"clip": 2, "prior": 3}
+
+    # a new machine: an empty cache warm-starts from the "shipped" prior pipeline and trains only
+    # the steps a longer plan still asks for
+    from imagen_lite.training.default import dalle2_training_state, write_training_state
+
+    write_training_state(tmp_path / "prior", dalle2_training_state(tmp_path, plan))
+    longer = (plan[0], dict(plan[1], max_steps=5))
+    new = tmp_path / "new"
+    assert train_dalle2(new, minutes=30, chunk=2, plan=longer, start="tiny", warm_start=tmp_path / "prior") == {
+        "clip": 2, "prior": 5}  # fmt: skip
+    assert latest_step(new / "prior") == 2 and not (new / "clip").exists()
+    assert json.loads((new / "prior" / "warm_start.json").read_text())["step"] == 3
+    assert dalle2_training_state(new, longer)["prior"]["step"] == 5
+
+
+def tiny_sr_cfg() -> D.SRRunConfig:
+    return D.SRRunConfig(
+        batch_size=2, warmup_steps=2, checkpoint_every=2, eval_every=0, low_crops=(16,),
+        unet=dict(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=8, cross_attention_dim=32,
+                  attention_levels=(False, False)),
+    )  # fmt: skip
+
+
+def test_a_new_machine_warm_starts_from_exported_weights(tmp_path):
+    """Empty cache + shipped weights: both Imagen stages continue from the exported EMA weights,
+    step and hours continue from training_state.json; another architecture is refused."""
+    cfg = tiny_base_cfg()
+    D.train_base(cfg, tmp_path / "base_a", minutes=10, resume=None, max_steps=2, export_dir=tmp_path / "base")
+    D.train_sr(tiny_sr_cfg(), tmp_path / "base", tmp_path / "sr_a", minutes=10, resume=None, max_steps=2,
+               export_dir=tmp_path / "shipped")  # fmt: skip
+    state = D.read_training_state(tmp_path / "shipped")
+    assert state["imagen-base"]["step"] == 2 and state["imagen-sr"]["step"] == 2
+    assert state["imagen-base"]["cpu_hours"] > 0
+
+    # mark the shipped UNet (a fresh init would be close to 2-step weights): the run must start from it
+    unet_file = tmp_path / "shipped" / "unet" / "diffusion_pytorch_model.safetensors"
+    shipped = load_file(str(unet_file))
+    shipped["conv_in.weight"] += 0.5
+    save_file(shipped, str(unet_file), metadata={"format": "pt"})
+
+    out = D.train_base(cfg, tmp_path / "base_b", minutes=10, max_steps=3, warm_start=tmp_path / "shipped")
+    assert out["step"] == 3  # one step on top of the shipped two
+    assert "warm start from" in (tmp_path / "base_b" / "train.log").read_text()
+    ema = load_file(str(list_checkpoints(tmp_path / "base_b")[-1] / "ema.safetensors"))
+    assert torch.allclose(ema["module.unet.conv_in.weight"], shipped["conv_in.weight"].float(), atol=1e-2)
+
+    out = D.train_sr(tiny_sr_cfg(), tmp_path / "shipped", tmp_path / "sr_b", minutes=10, max_steps=3,
+                     warm_start=tmp_path / "shipped")  # fmt: skip
+    assert out["step"] == 3
+
+    other = tiny_base_cfg(unet={**cfg.unet, "block_out_channels": (8, 16)})
+    with pytest.raises(ValueError, match="block_out_channels|unet"):
+        D.train_base(other, tmp_path / "base_c", minutes=10, max_steps=3, warm_start=tmp_path / "shipped")
+    # resume=None means from scratch, even with shipped weights at hand
+    assert D.train_base(cfg, tmp_path / "base_d", minutes=10, resume=None, max_steps=1,
+                        warm_start=tmp_path / "shipped")["step"] == 1  # fmt: skip

@@ -15,6 +15,15 @@ Recipe and why (measurements in issue #10 and ``docs/model_card.md``):
   there is no pretrained T5 that knows the shapes grammar offline.
 - Captions are dropped (replaced by "") 10% of the time, for classifier-free guidance.
 - Sampling uses an EMA of the weights; the resume state lives outside the repository.
+
+Resuming on a new machine: every exported pipeline directory carries ``training_state.json``
+(per stage: optimizer steps, wall hours, run config). When a stage's cache holds no
+checkpoint, a run starts from the shipped weights instead of from scratch ("warm start"):
+model and EMA both start from the shipped EMA weights (fp16 -> fp32), the step and hour
+counters continue from the recorded ones, and AdamW starts afresh with its warm-up (its
+moments are not shipped: 2x the weights for no sampling benefit). The data order is a pure
+function of the step, so the run continues the same data stream. A run config whose
+architecture differs from the shipped one is an error, not a silent reinitialisation.
 """
 
 from __future__ import annotations
@@ -40,6 +49,40 @@ from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_
 logger = logging.getLogger("imagen_lite.train")
 
 DEFAULT_CACHE = Path(os.environ.get("IMAGEN_LITE_CACHE", Path.home() / ".cache" / "imagen-lite")) / "train_default"
+TRAINING_STATE_FILE = "training_state.json"  # per stage {step, cpu_hours, config}, in every exported directory
+ARCHITECTURE_FIELDS = {"imagen-base": ("t5", "unet", "unshuffle_factor", "max_length"),
+                       "imagen-sr": ("unet", "unshuffle_factor")}  # fmt: skip
+
+
+def read_training_state(directory) -> dict:
+    path = Path(directory) / TRAINING_STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_training_state(directory, stages: dict) -> None:
+    """Merge ``stages`` ({stage: {step, cpu_hours, config}}) into ``directory``'s training state."""
+    state = {**read_training_state(directory), **stages}
+    (Path(directory) / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def _comparable(value):
+    return json.loads(json.dumps(value))  # tuples -> lists, as a saved config reads back
+
+
+def shipped_stage(directory, stage: str, cfg) -> dict:
+    """The recorded state of ``stage`` in an exported directory, checked against ``cfg``'s
+    architecture; raises ``ValueError`` naming the differing fields."""
+    state = read_training_state(directory).get(stage)
+    if state is None:
+        raise ValueError(f"{str(directory)!r} has no {TRAINING_STATE_FILE} entry for stage {stage!r}; "
+                         f"it cannot seed a run (pass --warm-start none to start from scratch)")  # fmt: skip
+    ours = _comparable(asdict(cfg))
+    differ = [k for k in ARCHITECTURE_FIELDS[stage] if _comparable(state["config"].get(k)) != ours[k]]
+    if differ:
+        listed = ", ".join(f"{k}: shipped {state['config'].get(k)!r} vs run {ours[k]!r}" for k in differ)
+        raise ValueError(f"the {stage} weights in {str(directory)!r} have another architecture ({listed}); "
+                         f"train with the shipped config, or pass --warm-start none to start from scratch")  # fmt: skip
+    return state
 
 
 def shapes_vocabulary() -> list[str]:
@@ -134,8 +177,20 @@ def loss_fn(cfg, model, tok, scheduler, images, texts, gen: torch.Generator):
     return (weight * per_sample).mean()
 
 
-def export_pipeline(cfg, tok, text_encoder, unet, scheduler, out_dir, defaults: dict | None = None):
-    """Write an ImagenPipeline directory (fp16 safetensors) plus its generation defaults."""
+def stage_record(step: int, hours: float, cfg) -> dict:
+    return {"step": int(step), "cpu_hours": round(float(hours), 5), "config": _comparable(asdict(cfg))}
+
+
+def _load_fp16(module: torch.nn.Module, directory: Path) -> None:
+    """Load a saved (fp16) module directory into ``module``'s float32 weights, through the
+    module class's own ``from_pretrained`` (diffusers / transformers read their layout)."""
+    saved = type(module).from_pretrained(directory)
+    module.load_state_dict(saved.state_dict())  # copies (and upcasts) into the float32 parameters
+
+
+def export_pipeline(cfg, tok, text_encoder, unet, scheduler, out_dir, defaults: dict | None = None,
+                    training_state: dict | None = None):
+    """Write an ImagenPipeline directory (fp16 safetensors), its generation defaults and training state."""
     import copy
 
     from ..pipelines.imagen import ImagenPipeline
@@ -149,6 +204,8 @@ def export_pipeline(cfg, tok, text_encoder, unet, scheduler, out_dir, defaults: 
     pipe.save_pretrained(out_dir, safe_serialization=True)
     if defaults:
         (out_dir / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    if training_state:
+        write_training_state(out_dir, training_state)
     return out_dir
 
 
@@ -189,12 +246,14 @@ def _logger(path: Path):
 
 
 def run_loop(cfg, cache: Path, minutes: float, resume, model: torch.nn.Module, step_loss, evaluate_fn, say,
-             max_steps: int | None = None):
+             max_steps: int | None = None, warm_start=None):
     """The loop every default stage shares: resume -> (batch, loss, AdamW, EMA) -> checkpoint
     every ``cfg.checkpoint_every`` and at the end -> evaluate every ``cfg.eval_every``.
 
     ``step_loss(step, gen) -> loss`` computes the stage's loss on the batch of ``step``;
-    ``evaluate_fn(ema_module) -> {guidance: result}`` scores the EMA weights. Returns
+    ``evaluate_fn(ema_module) -> {guidance: result}`` scores the EMA weights.
+    ``warm_start(model) -> (step, hours, source)``, used only when ``resume="latest"`` finds no
+    checkpoint, loads shipped weights into ``model`` (the EMA starts from them too). Returns
     ``(ema, step, cpu_hours)``.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -211,6 +270,12 @@ def run_loop(cfg, cache: Path, minutes: float, resume, model: torch.nn.Module, s
             group["initial_lr"] = cfg.lr
         lr_scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
         say(f"resumed from {ckpt} at step {step} ({hours:.2f} h so far), lr {cfg.lr}")
+    elif resume == "latest" and warm_start is not None:
+        step, hours, source = warm_start(model)
+        ema.module.load_state_dict(model.state_dict())
+        ema.n_averaged.fill_(max(step, 1))  # keep averaging from the shipped EMA, not copy the next step
+        say(f"no checkpoint in {cache}: warm start from {source} at step {step} ({hours:.2f} h so far), "
+            f"fresh AdamW, lr {cfg.lr}")  # fmt: skip
 
     def checkpoint():
         save_checkpoint(cache, step, model, optimizer, lr_scheduler, ema, extra={"cpu_hours": hours}, config=asdict(cfg))
@@ -248,8 +313,10 @@ def run_loop(cfg, cache: Path, minutes: float, resume, model: torch.nn.Module, s
 
 
 def train_base(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | None = "latest",
-               export_dir: Path | None = None, max_steps: int | None = None, log_file: Path | None = None) -> dict:
-    """Train the base + T5 for ``minutes`` wall minutes (or ``max_steps``), checkpointing under ``cache``."""
+               export_dir: Path | None = None, max_steps: int | None = None, log_file: Path | None = None,
+               warm_start: Path | None = None) -> dict:
+    """Train the base + T5 for ``minutes`` wall minutes (or ``max_steps``), checkpointing under ``cache``;
+    with no checkpoint there, start from the exported pipeline ``warm_start`` (if given)."""
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     say = _logger(log_file or cache / "train.log")
@@ -269,11 +336,19 @@ def train_base(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | No
     def evaluate_fn(m):
         return evaluate_base(cfg, tok, m.text_encoder, m.unet, scheduler, cfg.eval_prompts, (1.0, 2.0))
 
-    ema, step, hours = run_loop(cfg, cache, minutes, resume, model, step_loss, evaluate_fn, say, max_steps)
+    def seed_from_shipped(m):
+        state = shipped_stage(warm_start, "imagen-base", cfg)
+        _load_fp16(m.text_encoder, Path(warm_start) / "text_encoder")
+        _load_fp16(m.unet, Path(warm_start) / "unet")
+        return state["step"], state["cpu_hours"], warm_start
+
+    ema, step, hours = run_loop(cfg, cache, minutes, resume, model, step_loss, evaluate_fn, say, max_steps,
+                                seed_from_shipped if warm_start is not None else None)  # fmt: skip
 
     # 3. Export
     if export_dir is not None:
-        export_pipeline(cfg, tok, ema.module.text_encoder, ema.module.unet, scheduler, export_dir)
+        export_pipeline(cfg, tok, ema.module.text_encoder, ema.module.unet, scheduler, export_dir,
+                        training_state={"imagen-base": stage_record(step, hours, cfg)})  # fmt: skip
         say(f"exported EMA weights to {export_dir}")
     return {"step": step, "cpu_hours": hours, "checkpoints": [str(p) for p in list_checkpoints(cache)]}
 
@@ -395,8 +470,9 @@ def _sr_only(pipe, prompts, lows, steps, noise_level, generator):
 
 
 def train_sr(cfg: SRRunConfig, base_dir: Path, cache: Path, minutes: float, resume: str | None = "latest",
-             export_dir: Path | None = None, max_steps: int | None = None) -> dict:
-    """Train the 64->256 SR UNet against a frozen base pipeline directory's T5."""
+             export_dir: Path | None = None, max_steps: int | None = None, warm_start: Path | None = None) -> dict:
+    """Train the 64->256 SR UNet against a frozen base pipeline directory's T5; with no
+    checkpoint in ``cache``, start from the SR UNet of the exported cascade ``warm_start``."""
     from ..pipelines.imagen import ImagenPipeline
 
     cache = Path(cache)
@@ -425,17 +501,25 @@ def train_sr(cfg: SRRunConfig, base_dir: Path, cache: Path, minutes: float, resu
     def evaluate_fn(m):
         return evaluate_sr(cfg, base, m, cfg.eval_prompts)
 
-    ema, step, hours = run_loop(cfg, cache, minutes, resume, unet, step_loss, evaluate_fn, say, max_steps)
+    def seed_from_shipped(m):
+        state = shipped_stage(warm_start, "imagen-sr", cfg)
+        _load_fp16(m, Path(warm_start) / "sr_unet")
+        return state["step"], state["cpu_hours"], warm_start
+
+    ema, step, hours = run_loop(cfg, cache, minutes, resume, unet, step_loss, evaluate_fn, say, max_steps,
+                                seed_from_shipped if warm_start is not None else None)  # fmt: skip
 
     # 3. Export: the base directory's components plus the SR stage
     if export_dir is not None:
-        export_cascade(base_dir, ema.module, cfg, export_dir)
+        export_cascade(base_dir, ema.module, cfg, export_dir, training_state={"imagen-sr": stage_record(step, hours, cfg)})
         say(f"exported base + EMA SR to {export_dir}")
     return {"step": step, "cpu_hours": hours, "checkpoints": [str(p) for p in list_checkpoints(cache)]}
 
 
-def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict | None = None):
-    """base pipeline dir + trained SR UNet -> one ImagenPipeline directory (fp16 safetensors)."""
+def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict | None = None,
+                   training_state: dict | None = None):
+    """base pipeline dir + trained SR UNet -> one ImagenPipeline directory (fp16 safetensors);
+    its training state is the base directory's plus ``training_state``."""
     import copy
 
     from ..pipelines.imagen import ImagenPipeline
@@ -457,13 +541,14 @@ def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict 
     pipe.save_pretrained(out_dir, safe_serialization=True)
     if defaults:
         (out_dir / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    write_training_state(out_dir, {**read_training_state(base_dir), **(training_state or {})})
     return out_dir
 
 
 def _checkpoint_ema(cache: Path, checkpoint: str, config_cls, build):
-    """``(cfg, ema_module)`` of a checkpoint: its run config read back as ``config_cls``, and the
-    module ``build(cfg)`` makes with the checkpoint's EMA weights loaded (read-only: safe while
-    that run goes on)."""
+    """``(cfg, ema_module, record)`` of a checkpoint: its run config read back as ``config_cls``,
+    the module ``build(cfg)`` makes with the checkpoint's EMA weights loaded (read-only: safe
+    while that run goes on), and its training-state record (step, hours, config)."""
     from safetensors.torch import load_model
 
     ckpt = resolve_resume(cache, checkpoint)
@@ -473,7 +558,8 @@ def _checkpoint_ema(cache: Path, checkpoint: str, config_cls, build):
     cfg = config_cls(**{k: v for k, v in saved.items() if k in config_cls.__dataclass_fields__})
     ema = AveragedModel(build(cfg), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     load_model(ema, str(ckpt / "ema.safetensors"))
-    return cfg, ema.module
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    return cfg, ema.module, stage_record(state["step"], state["extra"].get("cpu_hours", 0.0), cfg)
 
 
 def export_base_checkpoint(cache: Path, out_dir: Path, checkpoint: str = "latest", defaults: dict | None = None) -> Path:
@@ -484,16 +570,17 @@ def export_base_checkpoint(cache: Path, out_dir: Path, checkpoint: str = "latest
         built["tok"], t5, unet, built["scheduler"] = build_base(cfg)
         return Trainable(t5, unet)
 
-    cfg, model = _checkpoint_ema(cache, checkpoint, BaseRunConfig, build)
-    return export_pipeline(cfg, built["tok"], model.text_encoder, model.unet, built["scheduler"], out_dir, defaults)
+    cfg, model, record = _checkpoint_ema(cache, checkpoint, BaseRunConfig, build)
+    return export_pipeline(cfg, built["tok"], model.text_encoder, model.unet, built["scheduler"], out_dir, defaults,
+                           training_state={"imagen-base": record})  # fmt: skip
 
 
 def export_sr_checkpoint(cache: Path, base_dir: Path, out_dir: Path, checkpoint: str = "latest",
                          defaults: dict | None = None) -> Path:
     """Export base pipeline dir + the EMA weights of an SR checkpoint as one cascade."""
     text_dim = json.loads((Path(base_dir) / "text_encoder" / "config.json").read_text())["d_model"]
-    cfg, unet = _checkpoint_ema(cache, checkpoint, SRRunConfig, lambda cfg: build_sr(cfg, text_dim))
-    return export_cascade(base_dir, unet, cfg, out_dir, defaults)
+    cfg, unet, record = _checkpoint_ema(cache, checkpoint, SRRunConfig, lambda cfg: build_sr(cfg, text_dim))
+    return export_cascade(base_dir, unet, cfg, out_dir, defaults, training_state={"imagen-sr": record})
 
 
 # ---------------------------------------------------------------------- DALL-E 2 family
@@ -523,22 +610,83 @@ def dalle2_stage_config(plan: dict, cache: Path, previous: str):
     return TrainConfig(out=str(Path(cache) / plan["stage"]), **common)
 
 
-def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN, start: str = "small") -> dict:
+def _dalle2_seed(out: Path, shipped: dict, stage: str, warm_start) -> dict | None:
+    """Where a DALL-E 2 stage starts when it is seeded by shipped weights: ``{"step", "from"}``.
+    Recorded in ``out/warm_start.json`` on first use, so later runs keep counting from it; a
+    stage with its own checkpoints and no record was trained from scratch here."""
+    from .loop import latest_step
+
+    record = out / "warm_start.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    if warm_start is None or stage not in shipped or latest_step(out) is not None:
+        return None
+    return {"step": int(shipped[stage]["step"]), "from": str(warm_start)}
+
+
+def dalle2_hours(cache: Path) -> dict:
+    """Wall hours per DALL-E 2 stage, as ``train_dalle2`` adds them up in ``cache/hours.json``."""
+    path = Path(cache) / "hours.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _add_dalle2_hours(cache: Path, stage: str, hours: float) -> None:
+    total = dalle2_hours(cache)
+    total[stage] = round(total.get(stage, 0.0) + hours, 4)
+    (Path(cache) / "hours.json").write_text(json.dumps(total, indent=2))
+
+
+def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN, start: str = "small",
+                 warm_start: Path | None = None) -> dict:
     """Continue the DALL-E 2 default's training for ``minutes``; returns the steps per stage
-    reached (stages after the first unfinished one are absent)."""
+    reached (stages after the first unfinished one are absent).
+
+    With ``warm_start`` (a shipped dalle2 directory with ``training_state.json``), a stage with
+    no checkpoint in ``cache`` starts from the shipped pipeline at its recorded step: stages
+    the shipped weights finished are skipped, the first unfinished one trains its remaining
+    steps (fresh AdamW and warm-up; the generic loop counts them from 0, ``warm_start.json``
+    in the stage folder keeps the offset).
+    """
     from .loop import latest_step, train
 
     deadline = time.monotonic() + 60 * minutes
     previous, steps = start, {}
+    shipped = read_training_state(warm_start) if warm_start is not None else {}
+    Path(cache).mkdir(parents=True, exist_ok=True)
     for item in plan:
         cfg = dalle2_stage_config(item, cache, previous)
+        seed = _dalle2_seed(Path(cfg.out), shipped, cfg.stage, warm_start)
+        offset = seed["step"] if seed else 0
+        if offset >= cfg.max_steps:  # the shipped weights finished this stage
+            steps[cfg.stage], previous = offset, seed["from"]
+            continue
+        if seed:
+            cfg = cfg.replace(model=seed["from"], max_steps=cfg.max_steps - offset)
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.out) / "warm_start.json").write_text(json.dumps(seed))
         done = latest_step(cfg.out) or 0
         while done < cfg.max_steps and time.monotonic() < deadline:
+            t0 = time.monotonic()
             train(cfg.replace(stop_at=min(cfg.max_steps, done + chunk)))
+            _add_dalle2_hours(cache, cfg.stage, (time.monotonic() - t0) / 3600)
             done = latest_step(cfg.out) or 0
-            logger.info("dalle2 %s: step %d/%d", cfg.stage, done, cfg.max_steps)
-        steps[cfg.stage] = done
+            logger.info("dalle2 %s: step %d/%d", cfg.stage, offset + done, offset + cfg.max_steps)
+        steps[cfg.stage] = offset + done
         if done < cfg.max_steps:
             break
         previous = cfg.out
     return steps
+
+
+def dalle2_training_state(cache: Path, plan=DALLE2_PLAN) -> dict:
+    """``training_state.json`` entries of the DALL-E 2 chain in ``cache``: per stage the step
+    reached (shipped offset included), the wall hours recorded and the stage recipe."""
+    from .loop import latest_step
+
+    hours, state = dalle2_hours(cache), {}
+    for item in plan:
+        out = Path(cache) / item["stage"]
+        seed = json.loads((out / "warm_start.json").read_text()) if (out / "warm_start.json").is_file() else {}
+        state[item["stage"]] = {"step": seed.get("step", 0) + (latest_step(out) or 0),
+                                "cpu_hours": hours.get(item["stage"], 0.0), "config": _comparable(item)}  # fmt: skip
+    return state

@@ -532,7 +532,7 @@ def load_start(cfg):
     if cfg.family == "dalle2" and (root / "image_encoder").is_dir():
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-        encoder = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder", use_safetensors=True)
+        encoder = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder", use_safetensors=True, dtype=torch.float32)
         processor = CLIPImageProcessor.from_pretrained(root / "feature_extractor")
     return pipe, encoder, processor
 
