@@ -15,6 +15,9 @@ and ``--json`` writes every number:
   (``pip install 'imagen-lite[bench]'``), never a runtime dependency: without it only
   imagen-lite's row is measured and the report says so.
 - ``gpu``: an IF-I-XL-sized base UNet in float16 on CUDA; skipped, saying so, without CUDA.
+- ``latency``: wall seconds of one ``generate()`` image per family at ``--latency-size`` (256)
+  px with the embedded defaults' own settings (or ``--latency-model FAMILY=DIR``), against the
+  <= 5 s target on the 2-core CPU. Run it on an otherwise idle machine with ``--threads 2``.
 
 diffusers' ``UnCLIPPipeline`` lives in its deprecated package, which ``imagen_lite`` never
 imports: ``scripts/bench.py`` passes it in (from ``scripts/bench_generate.py``), and
@@ -36,7 +39,7 @@ from typing import Callable
 
 __all__ = ["register", "build_parser", "run", "main", "SECTIONS"]
 
-SECTIONS = ("sampling", "quality", "training", "gpu")
+SECTIONS = ("sampling", "quality", "training", "gpu", "latency")
 CASES = ("tiny", "64-256", "default")
 
 
@@ -76,6 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(the shipped embedded default: ddim:25)")  # fmt: skip
     g = p.add_argument_group("training")
     g.add_argument("--train-batch", type=_positive_int, default=8, help="training batch (default 8)")
+    g = p.add_argument_group("latency")
+    g.add_argument("--latency-size", type=_positive_int, default=256, help="output px (default 256)")
+    g.add_argument("--latency-model", action="append", default=[], metavar="FAMILY=DIR",
+                   help="time this pipeline directory instead of the family's embedded default")  # fmt: skip
+    g.add_argument("--latency-families", nargs="+", default=["imagen", "dalle2"], choices=("imagen", "dalle2"))
     g = p.add_argument_group("gpu")
     g.add_argument("--gpu-steps", type=_positive_int, default=10)
     g.add_argument("--gpu-unet", choices=("if-i-xl", "tiny"), default="if-i-xl",
@@ -194,6 +202,19 @@ def gpu_section(args) -> tuple[list, str | None]:
     return B.bench_gpu(unet_config=config, steps=args.gpu_steps, rounds=args.rounds, warmup=args.warmup), None
 
 
+def latency_section(args) -> list[dict]:
+    from .evaluation import bench as B
+
+    models = {family: None for family in args.latency_families}
+    for item in args.latency_model:
+        family, sep, directory = item.partition("=")
+        if not sep or family not in ("imagen", "dalle2"):
+            raise ValueError(f"--latency-model {item!r} is not FAMILY=DIR with FAMILY imagen or dalle2")
+        models[family] = directory
+    _log(f"[latency] {args.latency_size} px: {models} ...")
+    return B.bench_latency(models, size=args.latency_size, rounds=args.rounds, warmup=args.warmup)
+
+
 def run(args, unclip_reference: Callable | tuple | None | str = "checkout", out=None) -> dict:
     """Run the sections ``args`` asks for; print the markdown report to ``out`` (stdout) and
     return everything as one dict (also written to ``args.json`` when given).
@@ -224,6 +245,8 @@ def run(args, unclip_reference: Callable | tuple | None | str = "checkout", out=
             report["gpu"], reason = gpu_section(args)
             if reason:
                 report["skipped"]["gpu"] = reason
+        if "latency" in args.sections:
+            report["latency"] = latency_section(args)
         report["machine"] = B.machine_info()
     print(markdown(report), file=out)
     if args.json:
@@ -259,6 +282,9 @@ def markdown(report: dict) -> str:
                   B.markdown_table(t["rows"], B.TRAINING_COLUMNS)]  # fmt: skip
     if report.get("gpu"):
         parts += ["", "## GPU", "", B.markdown_table(report["gpu"], B.SAMPLING_COLUMNS)]
+    if report.get("latency"):
+        parts += ["", "## Latency: one generate() image, float32, CPU, each model's own defaults", "",
+                  B.markdown_table(report["latency"], B.LATENCY_COLUMNS)]  # fmt: skip
     for name, reason in report.get("skipped", {}).items():
         parts += ["", f"Skipped {name}: {reason}."]
     for note in report.get("notes", []):

@@ -43,7 +43,7 @@ def tiny_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("bench") / "tiny"
     ImagenPipeline(**B.build_imagen_parts(B.IMAGEN_CASES["tiny"]), max_sequence_length=77).save_pretrained(d)
-    (d / "imagen_lite_defaults.json").write_text(json.dumps({"num_inference_steps": [2], "guidance_scale": [2.0]}))
+    (d / "imagen_lite_defaults.json").write_text(json.dumps({"num_inference_steps": [2, 2], "guidance_scale": [2.0, 1.0]}))
     return d
 
 
@@ -230,3 +230,16 @@ def test_load_pipeline_compile_is_opt_in(tiny_dir):
     assert constant_input_modules(compiled.unet) == []  # compiled graphs are not memoised
     with pytest.raises(ValueError, match="compile=True and offload=True"):
         load_pipeline("imagen", model=tiny_dir, device="cpu", dtype="float32", compile=True, offload=True)
+
+
+def test_bench_latency_times_generate_with_the_models_defaults(tiny_dir, capsys):
+    args = build_parser().parse_args(["--sections", "latency", "--latency-families", "imagen", "--latency-model",
+                                      f"imagen={tiny_dir}", "--latency-size", "32", *FAST])  # fmt: skip
+    report = run(args, unclip_reference=None)
+    (row,) = report["latency"]
+    assert row["family"] == "imagen" and row["model"] == str(tiny_dir) and row["px"] == 32
+    assert row["steps"].startswith("2") and row["guidance"].startswith("2")  # from imagen_lite_defaults.json
+    assert row["wall_min"] <= row["wall_s"] <= row["wall_max"] and row["rounds"] == 1
+    assert "## Latency" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="FAMILY=DIR"):
+        run(build_parser().parse_args(["--sections", "latency", "--latency-model", "sd=x", *FAST]), unclip_reference=None)

@@ -1,6 +1,6 @@
 """Benchmarks: imagen-lite against diffusers and imagen-pytorch on identical work.
 
-Four sections, each a function returning rows (plain dicts, written as JSON and printed as a
+Five sections, each a function returning rows (plain dicts, written as JSON and printed as a
 markdown table by ``scripts/bench.py`` / ``imagen-lite bench``):
 
 - :func:`bench_imagen` / :func:`bench_unclip` -- sampling: ``ImagenPipeline`` against diffusers'
@@ -16,6 +16,8 @@ markdown table by ``scripts/bench.py`` / ``imagen-lite bench``):
   embedded base UNet against imagen-pytorch's ``Unet`` of the same parameter count, both fed
   precomputed text embeddings (imagen-pytorch is the optional ``bench`` extra).
 - :func:`bench_gpu` -- the sampling comparison at an IF-I-XL-sized UNet in float16 on CUDA.
+- :func:`bench_latency` -- seconds per ``generate()`` image at 256 px of each family's embedded
+  default (issue #10's <= 5 s target), no reference to compare against.
 
 Timing on a shared machine: every comparison is *interleaved* -- each round runs every
 candidate once, in rotated order, after warm-up rounds -- and reports medians over rounds; a
@@ -621,6 +623,49 @@ def bench_quality(
 
 
 # ---------------------------------------------------------------------- training throughput
+
+LATENCY_COLUMNS = [
+    ("family", "family"), ("model", "model"), ("px", "px"), ("steps", "steps per stage"), ("guidance", "guidance"),
+    ("wall_s", "wall s (median)"), ("wall_min", "min"), ("wall_max", "max"), ("cpu_s", "CPU s"), ("rounds", "rounds"),
+    ("target", "<= 5 s"),
+]  # fmt: skip
+
+
+def bench_latency(models: dict[str, str | None], size: int = 256, rounds: int = 5, warmup: int = 1,
+                  prompt: str = "a red circle above a blue square", target_s: float = 5.0) -> list[dict]:
+    """Wall seconds of one ``generate()`` (one image, float32, CPU) per family at ``size`` px with
+    each model's own generation defaults -- issue #10's "a 256 px image in <= 5 s" figure.
+
+    ``models`` maps a family ("imagen"/"dalle2") to a pipeline directory, or None for the
+    embedded default. The families run interleaved, each call with a new seed; loading (and the
+    warm-up call) are outside the timing."""
+    from ..api import generate, load_pipeline
+
+    pipes, calls = {}, {}
+    for family, model in models.items():
+        pipes[family] = load_pipeline(family, model=model, device="cpu", dtype=torch.float32)
+        seed = iter(range(10**6))
+
+        def call(family=family, model=model, seed=seed):
+            start, cpu = time.perf_counter(), time.process_time()
+            generate(prompt, pipeline=family, model=model, size=size, seed=next(seed), device="cpu", dtype=torch.float32)
+            return {"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}
+
+        calls[family] = call
+    runs = interleaved(calls, rounds=rounds, warmup=warmup)
+    rows = []
+    for family, measured in runs.items():
+        preset = pipes[family].imagen_lite_preset
+        walls = [m["wall"] for m in measured]
+        wall = median(walls)
+        rows.append({
+            "family": family, "model": models[family] or "embedded default", "px": size,
+            "steps": ",".join(str(k) for k in preset.num_inference_steps), "guidance": ",".join(f"{g:g}" for g in preset.guidance_scale),
+            "wall_s": wall, "wall_min": min(walls), "wall_max": max(walls), "cpu_s": median(m["cpu"] for m in measured),
+            "rounds": len(measured), "target": "yes" if wall <= target_s else "no",
+        })  # fmt: skip
+    return rows
+
 
 TRAINING_COLUMNS = [
     ("impl", "implementation"), ("params_m", "params (M)"), ("grid", "UNet input"), ("batch", "batch"),

@@ -135,6 +135,11 @@ class SRSize:
     sample_size: int = 32  # output side
     block_out_channels: tuple = (16, 32)
     layers_per_block: int = 1
+    # Karlo's SR predicts epsilon. The shapes default predicts x0 ("sample"): after 400 small-crop
+    # steps an epsilon SR left a grey, noisy background that got worse with fewer steps, which
+    # the <= 5 s budget for a 256 px image needs (x0 prediction gave the base clean flat shapes
+    # within minutes, see training/default.py).
+    prediction_type: str = "epsilon"
 
 
 @dataclass
@@ -160,7 +165,7 @@ SMALL_UNCLIP = UnCLIPSize(
         learned_variance=False,
         prediction_type="sample",
     ),
-    sr=SRSize(sample_size=256, block_out_channels=(16, 32, 64), layers_per_block=1),
+    sr=SRSize(sample_size=256, block_out_channels=(16, 32, 64), layers_per_block=1, prediction_type="sample"),
 )
 
 
@@ -277,8 +282,8 @@ def decoder_scheduler(size: DecoderSize = TINY_UNCLIP.decoder) -> UnCLIPSchedule
     return UnCLIPScheduler(variance_type=variance, prediction_type=size.prediction_type)
 
 
-def super_res_scheduler() -> UnCLIPScheduler:
-    return UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon")
+def super_res_scheduler(size: SRSize = TINY_UNCLIP.sr) -> UnCLIPScheduler:
+    return UnCLIPScheduler(variance_type="fixed_small_log", prediction_type=size.prediction_type)
 
 
 def build_components(size: UnCLIPSize = TINY_UNCLIP, words=SHAPES_WORDS) -> dict:
@@ -297,6 +302,6 @@ def build_components(size: UnCLIPSize = TINY_UNCLIP, words=SHAPES_WORDS) -> dict
     )
     if size.sr is not None:
         parts.update(
-            super_res_first=sr_unet(size.sr), super_res_last=sr_unet(size.sr), super_res_scheduler=super_res_scheduler()
+            super_res_first=sr_unet(size.sr), super_res_last=sr_unet(size.sr), super_res_scheduler=super_res_scheduler(size.sr)
         )
     return parts
