@@ -595,7 +595,9 @@ DALLE2_PLAN: tuple[dict, ...] = (
     # Karlo's SR UNets run at full 256px resolution (no pixel-unshuffle): small batches of small
     # crops (64..96 px high-res) keep a step near 2 s on one core. SR learns from real images
     # only, so it goes before the decoder, which is the long stage and continues run after run.
-    dict(stage="sr", max_steps=400, batch_size=8, lr=5e-4, sr_crop=(16, 24)),
+    # x0 prediction (SMALL_UNCLIP's SR): 400 epsilon-prediction steps had left a grey, noisy
+    # background; the x0 SR got 600 steps.
+    dict(stage="sr", max_steps=600, batch_size=8, lr=5e-4, sr_crop=(16, 24)),
     dict(stage="decoder", max_steps=8000, batch_size=32, lr=5e-4),
 )
 
