@@ -28,7 +28,7 @@ import torch
 
 from imagen_lite import presets
 from imagen_lite.training.default import (
-    DALLE2_PLAN, DEFAULT_CACHE, dalle2_stage_config, dalle2_training_state, export_base_checkpoint, export_sr_checkpoint,
+    DALLE2_PLAN, DEFAULT_CACHE, dalle2_seed, dalle2_stage_config, dalle2_training_state, export_base_checkpoint, export_sr_checkpoint,
     write_training_state,
 )  # fmt: skip
 
@@ -60,9 +60,9 @@ def ship_dalle2(cache: Path, out: Path, defaults: dict) -> Path:
     plan = {p["stage"]: p for p in DALLE2_PLAN}
     sr_dir = cache / "dalle2" / "sr"
     cfg = dalle2_stage_config(plan["decoder"], cache / "dalle2", str(sr_dir))
-    seed = Path(cfg.out) / "warm_start.json"  # a decoder seeded by shipped weights starts from them
-    if seed.is_file():
-        cfg = cfg.replace(model=json.loads(seed.read_text())["from"])
+    seed = dalle2_seed(Path(cfg.out))  # a decoder seeded by shipped weights starts from them
+    if seed:
+        cfg = cfg.replace(model=seed["from"])
     step = latest_step(cfg.out)
     if step is None:
         raise FileNotFoundError(f"no decoder checkpoint under {cfg.out}; train with scripts/train_default.py --stage dalle2")

@@ -50,13 +50,18 @@ logger = logging.getLogger("imagen_lite.train")
 
 DEFAULT_CACHE = Path(os.environ.get("IMAGEN_LITE_CACHE", Path.home() / ".cache" / "imagen-lite")) / "train_default"
 TRAINING_STATE_FILE = "training_state.json"  # per stage {step, cpu_hours, config}, in every exported directory
+WARM_START_FILE = "warm_start.json"  # in a DALL-E 2 stage folder seeded by shipped weights: {step, from}
 ARCHITECTURE_FIELDS = {"imagen-base": ("t5", "unet", "unshuffle_factor", "max_length"),
                        "imagen-sr": ("unet", "unshuffle_factor")}  # fmt: skip
 
 
-def read_training_state(directory) -> dict:
-    path = Path(directory) / TRAINING_STATE_FILE
+def _read_json(path: Path) -> dict:
+    """A JSON file's content, or {} when there is none yet."""
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_training_state(directory) -> dict:
+    return _read_json(Path(directory) / TRAINING_STATE_FILE)
 
 
 def write_training_state(directory, stages: dict) -> None:
@@ -612,24 +617,24 @@ def dalle2_stage_config(plan: dict, cache: Path, previous: str):
     return TrainConfig(out=str(Path(cache) / plan["stage"]), **common)
 
 
-def _dalle2_seed(out: Path, shipped: dict, stage: str, warm_start) -> dict | None:
+def dalle2_seed(out: Path, shipped: dict | None = None, stage: str | None = None, warm_start=None) -> dict | None:
     """Where a DALL-E 2 stage starts when it is seeded by shipped weights: ``{"step", "from"}``.
     Recorded in ``out/warm_start.json`` on first use, so later runs keep counting from it; a
-    stage with its own checkpoints and no record was trained from scratch here."""
+    stage with its own checkpoints and no record was trained from scratch here. Without
+    ``shipped``/``warm_start`` only the record is read (None: not seeded)."""
     from .loop import latest_step
 
-    record = out / "warm_start.json"
-    if record.is_file():
-        return json.loads(record.read_text())
-    if warm_start is None or stage not in shipped or latest_step(out) is not None:
+    record = _read_json(Path(out) / WARM_START_FILE)
+    if record:
+        return record
+    if warm_start is None or stage not in (shipped or {}) or latest_step(out) is not None:
         return None
     return {"step": int(shipped[stage]["step"]), "from": str(warm_start)}
 
 
 def dalle2_hours(cache: Path) -> dict:
     """Wall hours per DALL-E 2 stage, as ``train_dalle2`` adds them up in ``cache/hours.json``."""
-    path = Path(cache) / "hours.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return _read_json(Path(cache) / "hours.json")
 
 
 def _add_dalle2_hours(cache: Path, stage: str, hours: float) -> None:
@@ -657,7 +662,7 @@ def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN
     Path(cache).mkdir(parents=True, exist_ok=True)
     for item in plan:
         cfg = dalle2_stage_config(item, cache, previous)
-        seed = _dalle2_seed(Path(cfg.out), shipped, cfg.stage, warm_start)
+        seed = dalle2_seed(Path(cfg.out), shipped, cfg.stage, warm_start)
         offset = seed["step"] if seed else 0
         if offset >= cfg.max_steps:  # the shipped weights finished this stage
             steps[cfg.stage], previous = offset, seed["from"]
@@ -665,7 +670,7 @@ def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN
         if seed:
             cfg = cfg.replace(model=seed["from"], max_steps=cfg.max_steps - offset)
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.out) / "warm_start.json").write_text(json.dumps(seed))
+            (Path(cfg.out) / WARM_START_FILE).write_text(json.dumps(seed))
         done = latest_step(cfg.out) or 0
         while done < cfg.max_steps and time.monotonic() < deadline:
             t0 = time.monotonic()
@@ -688,7 +693,7 @@ def dalle2_training_state(cache: Path, plan=DALLE2_PLAN) -> dict:
     hours, state = dalle2_hours(cache), {}
     for item in plan:
         out = Path(cache) / item["stage"]
-        seed = json.loads((out / "warm_start.json").read_text()) if (out / "warm_start.json").is_file() else {}
-        state[item["stage"]] = {"step": seed.get("step", 0) + (latest_step(out) or 0),
+        offset = (dalle2_seed(out) or {}).get("step", 0)
+        state[item["stage"]] = {"step": offset + (latest_step(out) or 0),
                                 "cpu_hours": hours.get(item["stage"], 0.0), "config": _comparable(item)}  # fmt: skip
     return state
