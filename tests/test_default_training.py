@@ -70,6 +70,17 @@ def test_loss_goes_down_and_export_generates(tmp_path):
     assert loss_now() < before
 
 
+def test_in_training_curve_samples_with_the_configured_sampler(tmp_path):
+    cfg = tiny_base_cfg(eval_every=2, eval_prompts=5)
+    D.train_base(cfg, tmp_path / "run", minutes=10, resume=None, max_steps=2)
+    curve = [json.loads(line) for line in (tmp_path / "run" / "curve.jsonl").read_text().splitlines()]
+    assert [(c["step"], c["guidance"], c["sampler"]) for c in curve] == [(2, 1.0, "ddpm"), (2, 2.0, "ddpm")]
+    assert all(0.0 <= c["overall"] <= 1.0 for c in curve)
+    tok, t5, unet, sched = D.build_base(cfg)
+    with pytest.raises(ValueError, match="'euler'"):
+        D.evaluate_base(cfg, tok, t5, unet, sched, 5, sampler="euler")
+
+
 def test_corrupt_checkpoint_is_named(tmp_path):
     cfg = tiny_base_cfg()
     D.train_base(cfg, tmp_path / "run", minutes=10, resume=None, max_steps=2)
