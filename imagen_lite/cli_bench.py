@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cases", nargs="+", default=["tiny", "64-256"], choices=CASES,
                    help="tiny: 16->32 px test sizes; 64-256: small widths at 64->256 px; default: the embedded default's base")  # fmt: skip
     g.add_argument("--families", nargs="+", default=["imagen", "unclip"], choices=("imagen", "unclip"))
+    g.add_argument("--compile", action="store_true",
+                   help="time imagen-lite with its opt-in torch.compile (load_pipeline(compile=True)) against eager "
+                        "diffusers; the warm-up rounds pay the compilation")
     g.add_argument("--steps", type=_positive_int, nargs=2, default=None, metavar=("BASE", "SR"),
                    help="steps of the base/decoder (and prior) stage and of the SR stage (default 10 5)")  # fmt: skip
     g = p.add_argument_group("quality per second")
@@ -138,7 +141,7 @@ def sampling_section(args, unclip_reference) -> tuple[list, list]:
             _log(f"[sampling] imagen {spec.name} ...")
             kw = {} if args.steps is None else {"steps": (args.steps[0], args.steps[1])}
             try:
-                rows += B.bench_imagen(spec, rounds=args.rounds, warmup=args.warmup, **kw)
+                rows += B.bench_imagen(spec, rounds=args.rounds, warmup=args.warmup, compile=args.compile, **kw)
             except ValueError as err:  # no diffusers pipeline can run this case
                 notes.append(f"imagen/{case}: {err}; skipped")
         if "unclip" in args.families:
@@ -152,7 +155,8 @@ def sampling_section(args, unclip_reference) -> tuple[list, list]:
                 continue
             _log(f"[sampling] unclip {case} ...")
             kw = {} if args.steps is None else {"steps": (args.steps[0], args.steps[0], max(2, args.steps[1]))}
-            rows += B.bench_unclip(case, *unclip_reference, rounds=args.rounds, warmup=args.warmup, **kw)
+            rows += B.bench_unclip(case, *unclip_reference, rounds=args.rounds, warmup=args.warmup, compile=args.compile,
+                                   **kw)
     return rows, notes
 
 

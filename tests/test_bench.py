@@ -243,3 +243,20 @@ def test_bench_latency_times_generate_with_the_models_defaults(tiny_dir, capsys)
     assert "## Latency" in capsys.readouterr().out
     with pytest.raises(ValueError, match="FAMILY=DIR"):
         run(build_parser().parse_args(["--sections", "latency", "--latency-model", "sd=x", *FAST]), unclip_reference=None)
+
+
+def test_sampling_compare_times_compiled_imagen_lite_against_eager_diffusers():
+    """--compile: imagen-lite runs compiled copies (the eager backend here: the plumbing, not
+    inductor's minutes of codegen) of the very weights diffusers runs eagerly; both sides' steps
+    are timed and the images still agree."""
+    kw = dict(rounds=1, warmup=0, compile=True, compile_kwargs={"backend": "eager"})
+    rows = B.bench_imagen(B.IMAGEN_CASES["tiny"], steps=(2, 2), **kw)
+    rows += B.bench_unclip("tiny", *_reference(), steps=(2, 2, 2), **kw)
+    assert {r["case"] for r in rows} == {"tiny +compile"}
+    assert {(r["family"], r["stage"]) for r in rows} == {
+        ("imagen", "base"), ("imagen", "sr_32"), ("imagen", "end to end"),
+        ("unclip", "prior"), ("unclip", "decoder"), ("unclip", "sr_32"), ("unclip", "end to end"),
+    }  # fmt: skip
+    for r in rows:
+        assert r["lite_s"] > 0 and r["diffusers_s"] > 0, r
+        assert r["max_abs_diff"] < 1e-4, r

@@ -212,6 +212,39 @@ def _quiet(*pipes):
         p.set_progress_bar_config(disable=True)
 
 
+def _compile_side(pipe, stage_nets: dict[str, list], names: dict[str, str], **compile_kwargs) -> dict[str, list]:
+    """Give ``pipe`` ``torch.compile``d copies of its networks (``names``: pipeline attribute ->
+    stage); the reference pipeline keeps the eager originals, so the weights stay identical and
+    neither side's hooks reach the other's graphs. Returns ``pipe``'s stage networks for its
+    own :class:`StepTimer` (the hooks sit on the compiled wrappers, outside the graphs).
+    ``compile_kwargs`` go to ``torch.compile`` (the tests pass ``backend="eager"``)."""
+    import copy
+
+    from ..pipelines.speed import compile_models
+
+    for attr in names:
+        setattr(pipe, attr, copy.deepcopy(getattr(pipe, attr)))
+    compile_models(pipe, list(names), **compile_kwargs)
+    nets = {stage: [] for stage in stage_nets}
+    for attr, stage in names.items():
+        nets[stage].append(getattr(pipe, attr))
+    return nets
+
+
+def _candidates(fns: dict[str, Callable[[], object]], timers: dict[str, StepTimer], outputs: dict):
+    """Timed runners for :func:`interleaved`: each side's call under its own :class:`StepTimer`."""
+
+    def runner(name):
+        def run():
+            m, out = _timed_call(fns[name], timers[name])
+            outputs[name] = out
+            return m
+
+        return run
+
+    return {name: runner(name) for name in fns}
+
+
 def _compare_rows(family, case, runs, stages: dict[str, int], steps: dict[str, int], diff: float, names=("imagen-lite", "diffusers")):
     """Rows (one per stage, then end to end) from :func:`interleaved` results of two pipelines."""
     lite, ref = runs[names[0]], runs[names[1]]
@@ -329,9 +362,15 @@ def bench_imagen(
     rounds: int = 5,
     warmup: int = 1,
     seed: int = 0,
+    compile: bool = False,
+    compile_kwargs: dict | None = None,
 ) -> list[dict]:
     """``ImagenPipeline`` against ``IFPipeline`` (+ ``IFSuperResolutionPipeline`` when the case
-    has an SR stage) on the same module objects. Returns table rows (see SAMPLING_COLUMNS)."""
+    has an SR stage) on the same module objects. Returns table rows (see SAMPLING_COLUMNS).
+
+    ``compile=True`` times imagen-lite's opt-in ``torch.compile`` (``load_pipeline(compile=True)``)
+    against eager diffusers: imagen-lite runs compiled copies of the same weights; the warm-up
+    rounds pay the compilation (minutes on a small CPU) and are not timed."""
     from diffusers import IFPipeline, IFSuperResolutionPipeline
 
     from ..pipelines.imagen import ImagenPipeline
@@ -383,25 +422,18 @@ def bench_imagen(
                        guidance_scale=guidance[1], noise_level=noise_level, generator=g, output_type="pt").images  # fmt: skip
         return image
 
-    timer = StepTimer(stage_nets)
+    lite_nets = stage_nets
+    if compile:
+        attrs = {"unet": "base", **({"sr_unet": f"sr_{case.sr_side}"} if s2 is not None else {})}
+        lite_nets = _compile_side(lite, stage_nets, attrs, **(compile_kwargs or {}))
+    timers = {"imagen-lite": StepTimer(lite_nets), "diffusers": StepTimer(stage_nets)}
     outputs = {}
-
-    def candidate(name, fn):
-        def run():
-            m, out = _timed_call(fn, timer)
-            outputs[name] = out
-            return m
-
-        return run
-
     with warnings.catch_warnings():  # each pipeline brings its own no_grad / inference_mode
         warnings.simplefilter("ignore")
-        runs = interleaved(
-            {"imagen-lite": candidate("imagen-lite", run_lite), "diffusers": candidate("diffusers", run_diffusers)},
-            rounds, warmup,
-        )  # fmt: skip
+        runs = interleaved(_candidates({"imagen-lite": run_lite, "diffusers": run_diffusers}, timers, outputs),
+                           rounds, warmup)  # fmt: skip
     diff = _max_abs_diff(outputs["imagen-lite"], outputs["diffusers"])
-    return _compare_rows("imagen", case.name, runs, stage_px, stage_steps, diff)
+    return _compare_rows("imagen", case.name + (" +compile" if compile else ""), runs, stage_px, stage_steps, diff)
 
 
 def unet_call_rows(case: ImagenCase, rounds: int = 5, warmup: int = 1, batch: int = 2) -> list[dict]:
@@ -468,8 +500,11 @@ def bench_unclip(
     rounds: int = 5,
     warmup: int = 1,
     seed: int = 0,
+    compile: bool = False,
+    compile_kwargs: dict | None = None,
 ) -> list[dict]:
-    """``UnCLIPLitePipeline`` against a reference ``UnCLIPPipeline`` on the same module objects.
+    """``UnCLIPLitePipeline`` against a reference ``UnCLIPPipeline`` on the same module objects
+    (``compile=True``: imagen-lite's networks compiled, as in :func:`bench_imagen`).
 
     ``reference_class`` / ``text_proj_class`` are diffusers' ``UnCLIPPipeline`` and
     ``UnCLIPTextProjModel``, passed in by the caller (the package never imports diffusers'
@@ -507,23 +542,18 @@ def bench_unclip(
             decoder_guidance_scale=guidance[1], generator=torch.Generator().manual_seed(seed), output_type="np",
         ).images  # fmt: skip
 
-    timer = StepTimer(stage_nets)
+    lite_nets = stage_nets
+    if compile:
+        sr = f"sr_{sr_side}"
+        lite_nets = _compile_side(lite, stage_nets, {"prior": "prior", "decoder": "decoder", "super_res_first": sr,
+                                                     "super_res_last": sr}, **(compile_kwargs or {}))  # fmt: skip
+    timers = {"imagen-lite": StepTimer(lite_nets), "diffusers": StepTimer(stage_nets)}
     outputs = {}
-
-    def candidate(key, fn):
-        def run():
-            m, out = _timed_call(fn, timer)
-            outputs[key] = out
-            return m
-
-        return run
-
     with warnings.catch_warnings():  # each pipeline brings its own no_grad / inference_mode
         warnings.simplefilter("ignore")
-        runs = interleaved({"imagen-lite": candidate("imagen-lite", run_lite), "diffusers": candidate("diffusers", run_ref)},
-                           rounds, warmup)  # fmt: skip
+        runs = interleaved(_candidates({"imagen-lite": run_lite, "diffusers": run_ref}, timers, outputs), rounds, warmup)
     diff = _max_abs_diff(outputs["imagen-lite"], outputs["diffusers"])
-    rows = _compare_rows("unclip", name, runs, stage_px, stage_steps, diff)
+    rows = _compare_rows("unclip", name + (" +compile" if compile else ""), runs, stage_px, stage_steps, diff)
     for row in rows:
         if row["stage"] == "prior":
             row["px"] = "-"  # the prior makes a CLIP embedding, not an image
