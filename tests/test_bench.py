@@ -260,3 +260,19 @@ def test_sampling_compare_times_compiled_imagen_lite_against_eager_diffusers():
     for r in rows:
         assert r["lite_s"] > 0 and r["diffusers_s"] > 0, r
         assert r["max_abs_diff"] < 1e-4, r
+
+
+def test_budget_speed_script_times_issue_10s_configurations(capsys):
+    spec = importlib.util.spec_from_file_location("budget_speed", ROOT / "scripts" / "budget_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--batch", "2", "--rounds", "1", "--threads", "1"])
+    rows = result["rows"]
+    assert [r["reference"] for r in rows] == [0.55, 1.04, None]
+    assert 3.0 < rows[0]["params_m"] < 4.0 and 7.0 < rows[1]["params_m"] < 8.0  # the issue's 3.5M / 7.6M
+    assert all(r["seconds"] > 0 for r in rows)
+    assert result["factor"] == min(rows[0]["slowdown"], rows[1]["slowdown"])
+    out = capsys.readouterr().out
+    assert "Machine:" in out and "not comparable" in out
+    with pytest.raises(SystemExit):
+        module.main(["--batch", "0"])
