@@ -20,8 +20,10 @@ from pathlib import Path
 
 from imagen_lite import presets
 from imagen_lite.training.default import (
-    DEFAULT_CACHE, TRAINING_STATE_FILE, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint, train_base, train_dalle2, train_sr,
+    DEFAULT_CACHE, TRAINING_STATE_FILE, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint, resumed_config, train_base,
+    train_dalle2, train_sr,
 )  # fmt: skip
+from imagen_lite.training.checkpoint import resolve_resume
 
 # Run configs of the Imagen stages; "dalle2" chains clip -> prior -> sr -> decoder with the
 # generic `imagen-lite train` loop, its recipe in DALLE2_PLAN (no --set there).
@@ -62,14 +64,19 @@ def main(argv=None):
             p.error("--stage dalle2 takes its recipe from DALLE2_PLAN (imagen_lite/training/default.py): no --set or --export-only")
         print(json.dumps(train_dalle2(cache, args.minutes, warm_start=warm_start), indent=2))
         return
-    cfg = STAGES[args.stage]()
+    resume = None if args.resume == "none" else args.resume
+    try:
+        ckpt = resolve_resume(cache, resume)
+    except FileNotFoundError as err:
+        p.error(str(err))
+    # a run continues the recipe it resumes (checkpoint, else shipped weights); --set changes it
+    cfg = resumed_config(STAGES[args.stage], ckpt, warm_start if resume else None, args.stage)
     names = {f.name for f in fields(cfg)}
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in names:
             p.error(f"--set {item!r}: unknown field {key!r}; known: {sorted(names)}")
         setattr(cfg, key, json.loads(value))
-    resume = None if args.resume == "none" else args.resume
     if args.export_only:
         if args.export is None:
             p.error("--export-only needs --export DIR")

@@ -81,6 +81,24 @@ def test_in_training_curve_samples_with_the_configured_sampler(tmp_path):
         D.evaluate_base(cfg, tok, t5, unet, sched, 5, sampler="euler")
 
 
+def test_a_resumed_run_continues_its_recipe_not_the_code_defaults(tmp_path):
+    from dataclasses import asdict
+
+    from imagen_lite.training.checkpoint import resolve_resume
+
+    cfg = tiny_base_cfg(lr=3e-5)
+    D.train_base(cfg, tmp_path / "run", minutes=10, resume=None, max_steps=2)
+    resumed = D.resumed_config(D.BaseRunConfig, resolve_resume(tmp_path / "run", "latest"))
+    assert resumed.lr == 3e-5 and resumed.lr != D.BaseRunConfig().lr
+    assert tuple(resumed.unet["block_out_channels"]) == (16, 32)
+    # warm start on a new machine: the recipe recorded beside the shipped weights
+    (tmp_path / "shipped").mkdir()
+    D.write_training_state(tmp_path / "shipped", {"imagen-base": {"step": 2, "cpu_hours": 0.0, "config": asdict(cfg)}})
+    assert D.resumed_config(D.BaseRunConfig, None, tmp_path / "shipped", "imagen-base").lr == 3e-5
+    assert D.resumed_config(D.BaseRunConfig, None, tmp_path / "shipped", "imagen-sr") == D.BaseRunConfig()
+    assert D.resumed_config(D.BaseRunConfig, None) == D.BaseRunConfig()
+
+
 def test_corrupt_checkpoint_is_named(tmp_path):
     cfg = tiny_base_cfg()
     D.train_base(cfg, tmp_path / "run", minutes=10, resume=None, max_steps=2)

@@ -561,6 +561,23 @@ def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict 
     return out_dir
 
 
+def run_config(saved: dict, config_cls):
+    """A saved run config read back as ``config_cls``: fields the class no longer has are
+    dropped, fields added since keep their defaults."""
+    return config_cls(**{k: v for k, v in saved.items() if k in config_cls.__dataclass_fields__})
+
+
+def resumed_config(config_cls, ckpt: Path | None, warm_start: Path | None = None, stage: str | None = None):
+    """The config a run starts from: the one saved with checkpoint ``ckpt``; else, warm-starting,
+    the recipe recorded for ``stage`` in ``warm_start``'s training state; else the defaults. So a
+    run that passes no ``--set`` continues the recipe it resumes (its lr included) instead of
+    falling back to the code's defaults."""
+    if ckpt is not None:
+        return run_config(json.loads((Path(ckpt) / "config.json").read_text()), config_cls)
+    recorded = read_training_state(warm_start).get(stage, {}).get("config") if warm_start is not None else None
+    return run_config(recorded, config_cls) if recorded else config_cls()
+
+
 def _checkpoint_ema(cache: Path, checkpoint: str, config_cls, build):
     """``(cfg, ema_module, record)`` of a checkpoint: its run config read back as ``config_cls``,
     the module ``build(cfg)`` makes with the checkpoint's EMA weights loaded (read-only: safe
@@ -570,8 +587,7 @@ def _checkpoint_ema(cache: Path, checkpoint: str, config_cls, build):
     ckpt = resolve_resume(cache, checkpoint)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint under {str(cache)!r} to export")
-    saved = json.loads((ckpt / "config.json").read_text())
-    cfg = config_cls(**{k: v for k, v in saved.items() if k in config_cls.__dataclass_fields__})
+    cfg = resumed_config(config_cls, ckpt)
     ema = AveragedModel(build(cfg), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     load_model(ema, str(ckpt / "ema.safetensors"))
     state = torch.load(ckpt / "state.pt", weights_only=True)
