@@ -8,7 +8,9 @@ The full resume state (weights, EMA, optimizer, step, RNG) lives in --cache (def
 from the newest checkpoint there. On a new machine (empty cache) a run starts from the shipped
 weights in imagen_lite/weights/<family> (--warm-start shipped, the default): the step and
 hour counters continue from their training_state.json, AdamW starts afresh. --warm-start
-none trains from scratch. --export writes the EMA weights as an fp16 pipeline
+none trains from scratch. A run keeps the recipe of what it resumes (the checkpoint's config,
+or the shipped training_state.json's); --set FIELD=JSON changes a field from there (e.g.
+--set lr=3e-5 to lower the learning rate). --export writes the EMA weights as an fp16 pipeline
 directory (imagen_lite/weights/imagen ships it). The log and the shapes-accuracy curve
 (curve.jsonl) sit beside the checkpoints.
 """
