@@ -79,6 +79,10 @@ def test_in_training_curve_samples_with_the_configured_sampler(tmp_path):
     tok, t5, unet, sched = D.build_base(cfg)
     with pytest.raises(ValueError, match="'euler'"):
         D.evaluate_base(cfg, tok, t5, unet, sched, 5, sampler="euler")
+    # a bad sampler is refused before any training, not at the run's first evaluation
+    with pytest.raises(ValueError, match="eval_sampler='euler'"):
+        D.train_base(tiny_base_cfg(eval_sampler="euler"), tmp_path / "bad", minutes=10, resume=None, max_steps=2)
+    assert not list_checkpoints(tmp_path / "bad")
 
 
 def test_a_resumed_run_continues_its_recipe_not_the_code_defaults(tmp_path):

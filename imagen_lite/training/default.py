@@ -215,6 +215,14 @@ def export_pipeline(cfg, tok, text_encoder, unet, scheduler, out_dir, defaults: 
     return out_dir
 
 
+EVAL_SAMPLERS = ("ddpm", "ddim")
+
+
+def _check_eval_sampler(sampler) -> None:
+    if sampler not in EVAL_SAMPLERS:
+        raise ValueError(f"eval_sampler={sampler!r}: the in-training evaluation samples with one of {EVAL_SAMPLERS}")
+
+
 def evaluate_base(cfg, tok, text_encoder, unet, scheduler, n_prompts: int, guidance=(1.0,), steps: int = 25,
                   sampler: str = "ddpm"):
     """Shapes accuracy of the 64px base on the fixed prompt set, seed 0. ``sampler`` is "ddpm" (the
@@ -222,8 +230,7 @@ def evaluate_base(cfg, tok, text_encoder, unet, scheduler, n_prompts: int, guida
     model lower) or "ddim"."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler={sampler!r}: the in-training evaluation samples with 'ddpm' or 'ddim'")
+    _check_eval_sampler(sampler)
     cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
 
     from ..evaluation.shapes import evaluate
@@ -332,6 +339,7 @@ def train_base(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | No
                warm_start: Path | None = None) -> dict:
     """Train the base + T5 for ``minutes`` wall minutes (or ``max_steps``), checkpointing under ``cache``;
     with no checkpoint there, start from the exported pipeline ``warm_start`` (if given)."""
+    _check_eval_sampler(cfg.eval_sampler)  # before training: a bad value must not stop the run at its first evaluation
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     say = _logger(log_file or cache / "train.log")
