@@ -108,6 +108,22 @@ def test_resume_is_exact(tmp_path, data_dir):
         torch.testing.assert_close(ua[k], ub[k], rtol=0, atol=1e-6)
 
 
+def test_a_resume_at_another_lr_rescales_the_restored_schedule(tmp_path, data_dir):
+    """lr may change on resume (dropping it for a last phase): the schedule continues from the
+    checkpoint's position, scaled to the new peak; nothing else about the run may change."""
+    run = dict(model="tiny", max_steps=6, batch_size=2, lr_schedule="cosine", warmup_steps=2, checkpoint_every=2)
+    a = train(config(data_dir, tmp_path / "a", **run))
+    b = tmp_path / "b"
+    train(config(data_dir, b, stop_at=2, **run))
+    train(config(data_dir, b, resume="latest", **dict(run, lr=1e-4)))
+    lrs = lambda out: {r["step"]: r["lr"] for r in map(json.loads, (out / "logs" / "train_log.jsonl").open())}
+    full, dropped = lrs(a), lrs(b)
+    assert dropped[1] == pytest.approx(full[1]) and dropped[2] == pytest.approx(full[2])  # before the resume
+    for s in range(3, 7):  # after it: the same cosine position, a tenth of the scale (1e-3 -> 1e-4)
+        assert dropped[s] == pytest.approx(full[s] / 10, rel=1e-6), s
+    assert json.loads((b / "checkpoints" / "step_000006" / "config.json").read_text())["lr"] == 1e-4
+
+
 @pytest.mark.parametrize("ema_decay", [None, 0.5])
 def test_ema_of_the_trained_weights_is_exported(tmp_path, data_dir, start, ema_decay):
     out = train(config(data_dir, tmp_path / "out", model=start("imagen"), max_steps=2, checkpoint_every=1,
@@ -310,8 +326,8 @@ def test_corrupt_checkpoint_or_other_run_is_refused_before_any_step(tmp_path, da
         (ckpt / "state.pt").write_bytes((ckpt / "state.pt").read_bytes()[:100])
         match = "step_000001.*corrupt or truncated"
     else:
-        cfg = cfg.replace(lr=0.5)
-        match = r"different run config \(lr: 0.001 -> 0.5\)"
+        cfg = cfg.replace(weight_decay=0.5)
+        match = r"different run config \(weight_decay: 0.01 -> 0.5\)"
     with pytest.raises(ValueError, match=match):
         train(cfg.replace(max_steps=3, resume="latest"))
     assert latest_step(out) == 1

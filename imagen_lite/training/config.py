@@ -23,9 +23,12 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
 FINETUNE = ("full", "lora")
 
-# Fields that may change between a run and its resume without changing the math of a step.
+# Fields that may change between a run and its resume without changing the math of a step --
+# and ``lr``: a resume at another peak lr continues the restored schedule scaled to it (the
+# loop rescales the optimizer's and scheduler's lrs), the usual way to drop the lr for a last
+# phase of a long run (decision, fourth session: the DALL-E 2 decoder needed it).
 RESUMABLE_CHANGES = frozenset(
-    {"max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
+    {"lr", "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
      "validation_steps", "validation_guidance", "resume", "out", "log_every", "save_pipeline", "num_workers", "stop_at"}
 )  # fmt: skip
 

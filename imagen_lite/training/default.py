@@ -640,8 +640,21 @@ DALLE2_PLAN: tuple[dict, ...] = (
     # off-white with white halos around the shapes (DALL-E 2 scored 6.7% at 256 px against
     # 12.5% at 64 px), so the third session extended the stage to 1,500 steps.
     dict(stage="sr", max_steps=1500, batch_size=8, lr=5e-4, sr_crop=(16, 24)),
-    dict(stage="decoder", max_steps=8000, batch_size=32, lr=5e-4),
+    # lr 5e-4 to step 3,200 (the third ship), then 1e-4: the drop that broke the Imagen base's
+    # stall (issue #10's report, and 14% -> 27% here); ``lr_drops`` maps a stage step (shipped
+    # offset included) to the peak lr from there on (the generic loop rescales the schedule).
+    dict(stage="decoder", max_steps=8000, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4}),
 )
+
+
+def lr_at(item: dict, step: int, default: float | None = None) -> float:
+    """The peak lr of plan ``item`` at stage step ``step``: its ``lr`` (else ``default``), or
+    the last of its ``lr_drops`` ({step: lr}) at or before ``step``."""
+    lr = item.get("lr", default)
+    for at, value in sorted((item.get("lr_drops") or {}).items()):
+        if step >= int(at):
+            lr = value
+    return lr
 
 
 def dalle2_stage_config(plan: dict, cache: Path, previous: str):
@@ -650,7 +663,7 @@ def dalle2_stage_config(plan: dict, cache: Path, previous: str):
     common = dict(family="dalle2", data="shapes", model=previous, warmup_steps=100, lr_schedule="constant_with_warmup",
                   caption_dropout=0.1, ema_decay=0.999, min_snr_gamma=5.0, checkpoint_every=100, keep_checkpoints=2,
                   log_every=50, resume="latest")  # fmt: skip
-    common.update(plan)
+    common.update({k: v for k, v in plan.items() if k != "lr_drops"})
     return TrainConfig(out=str(Path(cache) / plan["stage"]), **common)
 
 
@@ -711,7 +724,10 @@ def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN
         done = latest_step(cfg.out) or 0
         while done < cfg.max_steps and time.monotonic() < deadline:
             t0 = time.monotonic()
-            train(cfg.replace(stop_at=min(cfg.max_steps, done + chunk)))
+            # a chunk never crosses an lr drop; the lr in force at its first step runs it
+            drops = [int(at) - offset for at in (item.get("lr_drops") or {}) if int(at) - offset > done]
+            stop = min([cfg.max_steps, done + chunk, *drops])
+            train(cfg.replace(stop_at=stop, lr=lr_at(item, offset + done, cfg.lr)))
             _add_dalle2_hours(cache, cfg.stage, (time.monotonic() - t0) / 3600)
             done = latest_step(cfg.out) or 0
             logger.info("dalle2 %s: step %d/%d", cfg.stage, offset + done, offset + cfg.max_steps)

@@ -99,10 +99,24 @@ def _check_resume(root: Path, cfg: TrainConfig) -> Path | None:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
         raise ValueError(
             f"checkpoint {str(path)!r} was made with a different run config ({listed}); resume with the same "
-            f"settings (only {sorted(('max_steps', 'checkpoint_every', 'validation_every', 'keep_checkpoints'))} "
+            f"settings (only {sorted(('lr', 'max_steps', 'checkpoint_every', 'validation_every', 'keep_checkpoints'))} "
             "and the like may change), or start a new --out"
         )
     return path
+
+
+def _continue_at_lr(optimizer, lr_scheduler, old: float, new: float) -> None:
+    """Rescale a restored optimizer and lr schedule from peak lr ``old`` to ``new``: the
+    schedule's shape and position stay, its scale changes (``lr`` may change on resume)."""
+    ratio = new / old
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's AcceleratedScheduler
+    inner.base_lrs = [lr * ratio for lr in inner.base_lrs]
+    if hasattr(inner, "_last_lr"):
+        inner._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _export(out: Path, pipe, stage, parts: dict, cfg: TrainConfig, lora_configs: dict, image_encoder, processor,
@@ -292,6 +306,10 @@ def train(cfg: TrainConfig) -> Path:
         if ema is not None:
             ema.to(device)
         logger.info("resumed from %s at step %d", resume_from, step)
+        saved_lr = json.loads((resume_from / "config.json").read_text()).get("lr", cfg.lr)
+        if saved_lr != cfg.lr:
+            _continue_at_lr(optimizer, lr_scheduler, saved_lr, cfg.lr)
+            logger.info("lr %g -> %g from step %d (the restored schedule, rescaled)", saved_lr, cfg.lr, step)
     micro = step * cfg.gradient_accumulation_steps
 
     def checkpoint() -> None:
