@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Copy the embedded default's current weights from the training cache into the package.
 
-    python scripts/ship_default.py --family imagen --guidance 3,1 --steps 25,10 --scheduler ddim
-    python scripts/ship_default.py --family dalle2 --guidance 1,3,1 --steps 25,25,7
+    python scripts/ship_default.py --family imagen --guidance 2,1 --steps 25,10 --scheduler ddpm
+    python scripts/ship_default.py --family dalle2 --guidance 1,2,1 --steps 25,25,3 --scheduler ddpm
+    python scripts/ship_default.py --family imagen --guidance 2,1 --steps 25,10 --scheduler ddpm --defaults-only
 
 imagen: the newest base checkpoint's EMA (``train_default/imagen-base``) + the newest SR
 checkpoint's EMA (``train_default/imagen-sr``) -> ``imagen_lite/weights/imagen``.
@@ -12,7 +13,8 @@ its CLIP vision tower (``image_encoder/``) for ``encode_images`` and CLIP scores
 
 Weights are written in float16 safetensors; ``training_state.json`` records each stage's
 steps, wall hours and recipe (a new machine's training run starts from it, see
-``scripts/train_default.py``); ``imagen_lite_defaults.json`` records the generation defaults (chosen by the sweep in docs/model_card.md). Read-only on the cache: stop
+``scripts/train_default.py``); ``imagen_lite_defaults.json`` records the generation defaults (chosen by the sweep in docs/model_card.md; ``--defaults-only`` rewrites just that file,
+e.g. after a guidance study, and leaves the weights alone). Read-only on the cache: stop
 a run training the same stage first only if it might finish its stage meanwhile.
 """
 
@@ -90,12 +92,20 @@ def main(argv=None):
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--noise-level", type=int, default=100)
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--defaults-only", action="store_true",
+                   help="rewrite only the shipped directory's generation defaults (weights untouched)")
     args = p.parse_args(argv)
     defaults = {"num_inference_steps": numbers(args.steps, int), "guidance_scale": numbers(args.guidance, float),
                 "scheduler": args.scheduler, "noise_level": args.noise_level}  # fmt: skip
     preset = presets.DEFAULT_IMAGEN if args.family == "imagen" else presets.DEFAULT_DALLE2
     out = Path(preset.components["dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.defaults_only:  # e.g. a guidance study changed the defaults, not the weights
+        if not (out / presets.DEFAULTS_FILE).is_file():
+            raise SystemExit(f"--defaults-only: nothing shipped at {out} yet")
+        (out / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+        print(f"{out / presets.DEFAULTS_FILE}: {defaults}")
+        return
     ship = ship_imagen if args.family == "imagen" else ship_dalle2
     path = ship(args.cache, out, defaults)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

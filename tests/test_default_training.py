@@ -193,3 +193,25 @@ def test_a_new_machine_warm_starts_from_exported_weights(tmp_path):
     # resume=None means from scratch, even with shipped weights at hand
     assert D.train_base(cfg, tmp_path / "base_d", minutes=10, resume=None, max_steps=1,
                         warm_start=tmp_path / "shipped")["step"] == 1  # fmt: skip
+
+
+def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weights(tmp_path, monkeypatch):
+    import dataclasses
+    import runpy
+    from pathlib import Path
+
+    from imagen_lite import presets
+
+    ship = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ship_default.py"), run_name="ship")
+    shipped = tmp_path / "imagen"
+    monkeypatch.setattr(presets, "DEFAULT_IMAGEN", dataclasses.replace(presets.DEFAULT_IMAGEN, components={"dir": str(shipped)}))
+    argv = ["--family", "imagen", "--steps", "25,10", "--guidance", "2,1", "--scheduler", "ddpm", "--defaults-only"]
+    with pytest.raises(SystemExit, match="nothing shipped"):
+        ship["main"](argv)
+    (shipped / "unet").mkdir(parents=True)
+    (shipped / "unet" / "weights.bin").write_bytes(b"weights")
+    (shipped / presets.DEFAULTS_FILE).write_text(json.dumps({"guidance_scale": [1.0, 1.0]}))
+    ship["main"](argv)
+    assert json.loads((shipped / presets.DEFAULTS_FILE).read_text()) == {
+        "num_inference_steps": [25, 10], "guidance_scale": [2.0, 1.0], "scheduler": "ddpm", "noise_level": 100}  # fmt: skip
+    assert (shipped / "unet" / "weights.bin").read_bytes() == b"weights"
