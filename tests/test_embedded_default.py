@@ -29,8 +29,9 @@ from imagen_lite.evaluation.shapes import detect_objects, score_image
 # (with DDIM 25: 0.25 / 0.70 and 0.10 / 0.65); third ship (base 9,200, decoder 3,200, SR 1,500):
 # imagen 0.50 / 0.85, dalle2 0.10 / 0.85. DALL-E 2 scores 13.3% on 600 images, i.e. 2-3 of these
 # 20 prompts: its exact floor is one image (a broken sampling path scores 0), its colour-hit
-# floor carries the margin. Raise them as the weights improve.
-FLOORS = {"imagen": (0.30, 0.65), "dalle2": (0.05, 0.60)}
+# floor carries the margin. Raise them as the weights improve. Fourth session, Imagen base
+# guidance 2: imagen 0.60 / 0.85 (exact floor 0.30 -> 0.40).
+FLOORS = {"imagen": (0.40, 0.65), "dalle2": (0.05, 0.60)}
 PROMPTS = 20
 
 
