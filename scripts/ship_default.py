@@ -2,7 +2,7 @@
 """Copy the embedded default's current weights from the training cache into the package.
 
     python scripts/ship_default.py --family imagen --guidance 2,1 --steps 25,10 --scheduler ddpm
-    python scripts/ship_default.py --family dalle2 --guidance 1,2,1 --steps 25,25,3 --scheduler ddpm
+    python scripts/ship_default.py --family dalle2 --guidance 1,3,1 --steps 25,25,3 --scheduler ddpm
     python scripts/ship_default.py --family imagen --guidance 2,1 --steps 25,10 --scheduler ddpm --defaults-only
 
 imagen: the newest base checkpoint's EMA (``train_default/imagen-base``) + the newest SR
