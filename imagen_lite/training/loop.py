@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, verify_checkpoint
-from .config import SCRATCH_PRESETS, TrainConfig, differences
+from .config import RESUMABLE_CHANGES, SCRATCH_PRESETS, TrainConfig, differences
 from .data import Batches, caption_words, open_source
 from .stages import Context, build_scratch, clone_pipeline, get_stage, load_start, new_image_encoder, noise_schedule
 
@@ -85,13 +85,14 @@ class JsonlTracker:
             f.write(json.dumps({"step": step, **values}) + "\n")
 
 
-def _check_resume(root: Path, cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from, checked (files, config) before anything is built."""
+def _check_resume(root: Path, cfg: TrainConfig) -> tuple[Path | None, dict]:
+    """The checkpoint to resume from and its saved run config, checked (files, config) before
+    anything is built; ``(None, {})`` for a new run."""
     path = resolve_resume(root, cfg.resume)
     if path is None:
         if cfg.resume == "latest":
             logger.info("resume='latest': no checkpoint under %s yet; starting a new run", root)
-        return None
+        return None, {}
     verify_checkpoint(path)
     saved = json.loads((path / "config.json").read_text())
     changed = differences(saved, cfg)
@@ -99,10 +100,9 @@ def _check_resume(root: Path, cfg: TrainConfig) -> Path | None:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
         raise ValueError(
             f"checkpoint {str(path)!r} was made with a different run config ({listed}); resume with the same "
-            f"settings (only {sorted(('lr', 'max_steps', 'checkpoint_every', 'validation_every', 'keep_checkpoints'))} "
-            "and the like may change), or start a new --out"
+            f"settings (only {sorted(RESUMABLE_CHANGES)} may change), or start a new --out"
         )
-    return path
+    return path, saved
 
 
 def _continue_at_lr(optimizer, lr_scheduler, old: float, new: float) -> None:
@@ -205,7 +205,7 @@ def train(cfg: TrainConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={cfg.out!r} is a file; pass a directory for the output pipeline")
     ckpt_root = out / "checkpoints"
-    resume_from = _check_resume(ckpt_root, cfg)
+    resume_from, resumed_cfg = _check_resume(ckpt_root, cfg)
     source = open_source(cfg.data, cfg.image_column, cfg.caption_column, seed=cfg.data_seed)
 
     # 2. Accelerator: devices, processes, mixed precision, gradient accumulation, logging
@@ -306,7 +306,7 @@ def train(cfg: TrainConfig) -> Path:
         if ema is not None:
             ema.to(device)
         logger.info("resumed from %s at step %d", resume_from, step)
-        saved_lr = json.loads((resume_from / "config.json").read_text()).get("lr", cfg.lr)
+        saved_lr = resumed_cfg.get("lr", cfg.lr)
         if saved_lr != cfg.lr:
             _continue_at_lr(optimizer, lr_scheduler, saved_lr, cfg.lr)
             logger.info("lr %g -> %g from step %d (the restored schedule, rescaled)", saved_lr, cfg.lr, step)
