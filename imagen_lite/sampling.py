@@ -91,6 +91,15 @@ def pixel_unshuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     return x if factor == 1 else F.pixel_unshuffle(x, factor)
 
 
+def coordinate_grid(batch: int, side: int, device=None, dtype=None) -> torch.Tensor:
+    """(B, 2, side, side) pixel-centre coordinates in (-1, 1): channel 0 is x (left -1 -> right
+    +1), channel 1 is y (top -1 -> bottom +1). CoordConv input channels (Liu et al. 2018) for a
+    base UNet that must place objects at absolute positions ("on the left", "at the top")."""
+    axis = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) / side * 2 - 1
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([x, y]).to(dtype=dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+
+
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     """(B, C*r*r, H/r, W/r) -> (B, C, H, W); identity for ``factor == 1``."""
     return x if factor == 1 else F.pixel_shuffle(x, factor)

@@ -215,3 +215,39 @@ def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weig
     assert json.loads((shipped / presets.DEFAULTS_FILE).read_text()) == {
         "num_inference_steps": [25, 10], "guidance_scale": [2.0, 1.0], "scheduler": "ddpm", "noise_level": 100}  # fmt: skip
     assert (shipped / "unet" / "weights.bin").read_bytes() == b"weights"
+
+
+def test_coordinate_channels_grow_from_weights_without_them(tmp_path):
+    """A base run with coord_channels=2 warm-starts from exported weights that have none: the
+    grown UNet draws exactly what the shipped one drew (zero weights on the new inputs) until a
+    training step teaches it to use them; the export generates through ImagenPipeline."""
+    import numpy as np
+
+    D.train_base(tiny_base_cfg(), tmp_path / "plain", minutes=10, resume=None, max_steps=2, export_dir=tmp_path / "shipped")
+    grown = tiny_base_cfg(coord_channels=2)
+    D.train_base(grown, tmp_path / "grown", minutes=10, max_steps=2, warm_start=tmp_path / "shipped",
+                 export_dir=tmp_path / "grown_pipe")  # fmt: skip
+    config = json.loads((tmp_path / "grown_pipe" / "model_index.json").read_text())
+    assert config["coord_channels"] == 2
+
+    def draw(model):
+        return np.asarray(imagen_lite.generate("a red circle on the left", model=str(model), device="cpu", seed=0,
+                                               num_inference_steps=3, guidance_scale=2.0)[0], dtype=int)  # fmt: skip
+
+    assert np.abs(draw(tmp_path / "shipped") - draw(tmp_path / "grown_pipe")).max() <= 1
+    D.train_base(grown, tmp_path / "grown", minutes=10, max_steps=3, warm_start=tmp_path / "shipped")
+    model = load_file(str(list_checkpoints(tmp_path / "grown")[-1] / "model.safetensors"))
+    assert model["unet.conv_in.weight"].shape[1] == 3 * 16 + 2
+    assert model["unet.conv_in.weight"][:, -2:].abs().sum() > 0  # the step reached the coordinate inputs
+
+
+def test_coordinate_grid_and_bad_coord_channels():
+    from imagen_lite.pipelines.imagen import ImagenPipeline
+    from imagen_lite.sampling import coordinate_grid
+
+    grid = coordinate_grid(2, 4)
+    assert grid.shape == (2, 2, 4, 4)
+    assert grid[0, 0, 0, 0] < 0 < grid[0, 0, 0, -1]  # x grows to the right
+    assert grid[0, 1, 0, 0] < 0 < grid[0, 1, -1, 0]  # y grows downwards
+    with pytest.raises(ValueError, match="coord_channels=3"):
+        ImagenPipeline(tokenizer=None, text_encoder=None, unet=None, scheduler=None, coord_channels=3)

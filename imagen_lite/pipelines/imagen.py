@@ -22,10 +22,15 @@ Pipeline config (saved in ``model_index.json``):
 - ``sr_unshuffle_factor``: the same for the super-resolution UNets (noisy image and
   conditioning image both unshuffled); IF uses 1.
 - ``max_sequence_length``: tokens given to T5 (IF trained with 77).
+- ``coord_channels``: 0 (IF) or 2: the base UNet's input carries, after the noisy image, an x
+  and a y coordinate channel (:func:`imagen_lite.sampling.coordinate_grid`, CoordConv). The
+  embedded default uses it: without them its base drew shapes of the right colour anywhere,
+  ignoring "on the left" / "at the top" (position accuracy at chance, issue #10), since
+  convolutions and attention only see absolute position through the zero padding.
 
 The denoising math is :func:`imagen_lite.sampling.denoise`, shared with the unCLIP family; this
 file reproduces diffusers' ``IFPipeline`` + ``IFSuperResolutionPipeline`` draw for draw, which
-``tests/test_imagen_equivalence.py`` checks.
+``tests/test_imagen.py`` (``test_base_matches_ifpipeline``) checks.
 """
 
 from __future__ import annotations
@@ -59,8 +64,14 @@ class ImagenPipeline(DiffusionPipeline):
         unshuffle_factor: int = 1,
         max_sequence_length: int = 77,
         sr_unshuffle_factor: int = 1,
+        coord_channels: int = 0,
     ):
         super().__init__()
+        if coord_channels not in (0, 2):
+            raise ValueError(f"coord_channels={coord_channels!r}: 0 (none) or 2 (x and y) are allowed")
+        if unet is not None and coord_channels >= unet.config.in_channels:
+            raise ValueError(f"coord_channels={coord_channels} leaves no image channel: the base UNet takes "
+                             f"{unet.config.in_channels} input channels")  # fmt: skip
         if sr_unet is not None and (sr_scheduler is None or image_noising_scheduler is None):
             raise ValueError("sr_unet needs both sr_scheduler and image_noising_scheduler")
         if sr_unet_2 is not None and (sr_unet is None or sr_scheduler_2 is None):
@@ -80,6 +91,7 @@ class ImagenPipeline(DiffusionPipeline):
             unshuffle_factor=int(unshuffle_factor),
             max_sequence_length=int(max_sequence_length),
             sr_unshuffle_factor=int(sr_unshuffle_factor),
+            coord_channels=int(coord_channels),
         )
 
     # ------------------------------------------------------------------ structure
@@ -221,8 +233,9 @@ class ImagenPipeline(DiffusionPipeline):
             scheduler.set_timesteps(steps[0], device=device)
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(0)
-            side = unet.config.sample_size
-            x = randn_tensor((n, unet.config.in_channels, side, side), generator=generator, device=device, dtype=unet.dtype)
+            side, coords = unet.config.sample_size, self.config.get("coord_channels", 0)
+            x = randn_tensor((n, unet.config.in_channels - coords, side, side), generator=generator, device=device, dtype=unet.dtype)
+            grid = sampling.coordinate_grid(n, side, device, unet.dtype) if coords else None
             x = x * scheduler.init_noise_sigma
             context = text_context(cfg).to(unet.dtype)
 
@@ -232,7 +245,7 @@ class ImagenPipeline(DiffusionPipeline):
             with self.progress_bar(total=steps[0]) as bar, reuse_constant_inputs(unet):
                 x = sampling.denoise(
                     model_fn, scheduler, x, scheduler.timesteps,
-                    guidance_scale=guidance[0], do_classifier_free_guidance=cfg,
+                    guidance_scale=guidance[0], do_classifier_free_guidance=cfg, cond_image=grid,
                     step_kwargs=sampling.scheduler_step_kwargs(scheduler, generator),
                     progress_bar=bar, callback=callback,
                 )  # fmt: skip

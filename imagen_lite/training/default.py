@@ -43,6 +43,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..data import shapes
 from ..models import components as C
+from .. import sampling
 from ..sampling import pixel_unshuffle, upsample
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 
@@ -51,7 +52,7 @@ logger = logging.getLogger("imagen_lite.train")
 DEFAULT_CACHE = Path(os.environ.get("IMAGEN_LITE_CACHE", Path.home() / ".cache" / "imagen-lite")) / "train_default"
 TRAINING_STATE_FILE = "training_state.json"  # per stage {step, cpu_hours, config}, in every exported directory
 WARM_START_FILE = "warm_start.json"  # in a DALL-E 2 stage folder seeded by shipped weights: {step, from}
-ARCHITECTURE_FIELDS = {"imagen-base": ("t5", "unet", "unshuffle_factor", "max_length"),
+ARCHITECTURE_FIELDS = {"imagen-base": ("t5", "unet", "unshuffle_factor", "max_length", "coord_channels"),
                        "imagen-sr": ("unet", "unshuffle_factor")}  # fmt: skip
 
 
@@ -82,7 +83,11 @@ def shipped_stage(directory, stage: str, cfg) -> dict:
         raise ValueError(f"{str(directory)!r} has no {TRAINING_STATE_FILE} entry for stage {stage!r}; "
                          f"it cannot seed a run (pass --warm-start none to start from scratch)")  # fmt: skip
     ours = _comparable(asdict(cfg))
-    differ = [k for k in ARCHITECTURE_FIELDS[stage] if _comparable(state["config"].get(k)) != ours[k]]
+    defaults = _comparable(asdict(type(cfg)()))  # a field recorded before it existed had its default
+    theirs = {k: _comparable(state["config"].get(k, defaults[k])) for k in ARCHITECTURE_FIELDS[stage]}
+    if stage == "imagen-base" and theirs["coord_channels"] == 0:
+        theirs["coord_channels"] = ours["coord_channels"]  # growable: see grow_coord_channels
+    differ = [k for k in ARCHITECTURE_FIELDS[stage] if theirs[k] != ours[k]]
     if differ:
         listed = ", ".join(f"{k}: shipped {state['config'].get(k)!r} vs run {ours[k]!r}" for k in differ)
         raise ValueError(f"the {stage} weights in {str(directory)!r} have another architecture ({listed}); "
@@ -129,6 +134,10 @@ class BaseRunConfig:
     eval_every: int = 500
     eval_prompts: int = 40
     eval_sampler: str = "ddpm"  # the shipped base sampler; the curve up to step 7,400 used "ddim"
+    # 2: x/y coordinate channels after the noisy image (CoordConv; ImagenPipeline's coord_channels).
+    # Through step 9,800 the base had none and placed objects at random (position accuracy at
+    # chance). A run with 2 may warm-start from weights without them: grow_coord_channels.
+    coord_channels: int = 0
 
 
 def build_base(cfg: BaseRunConfig):
@@ -138,7 +147,7 @@ def build_base(cfg: BaseRunConfig):
     t5 = C.t5_encoder(len(tok), C.T5Size(**cfg.t5))
     r = cfg.unshuffle_factor
     unet = C.if_unet(
-        sample_size=64 // r, in_channels=3 * r * r, out_channels=3 * r * r,
+        sample_size=64 // r, in_channels=3 * r * r + cfg.coord_channels, out_channels=3 * r * r,
         text_dim=cfg.t5["d_model"], size=C.UNetSize(**cfg.unet),
     )  # fmt: skip
     scheduler = C.ddpm_scheduler(prediction_type="sample")
@@ -178,6 +187,8 @@ def loss_fn(cfg, model, tok, scheduler, images, texts, gen: torch.Generator):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else torch.autocast("cpu", enabled=False)
     with ctx:
         states = model.text_encoder(ids.input_ids, attention_mask=ids.attention_mask)[0]
+        if cfg.coord_channels:
+            xt = torch.cat([xt, sampling.coordinate_grid(b, xt.shape[-1])], dim=1)
         pred = model.unet(xt, t, encoder_hidden_states=states, return_dict=False)[0]
     per_sample = F.mse_loss(pred.float(), x0, reduction="none").mean(dim=(1, 2, 3))
     return (weight * per_sample).mean()
@@ -191,7 +202,22 @@ def _load_fp16(module: torch.nn.Module, directory: Path) -> None:
     """Load a saved (fp16) module directory into ``module``'s float32 weights, through the
     module class's own ``from_pretrained`` (diffusers / transformers read their layout)."""
     saved = type(module).from_pretrained(directory)
-    module.load_state_dict(saved.state_dict())  # copies (and upcasts) into the float32 parameters
+    state = saved.state_dict()
+    if hasattr(module, "conv_in") and state["conv_in.weight"].shape != module.conv_in.weight.shape:
+        state = grow_coord_channels(state, module.conv_in.weight.shape[1])
+    module.load_state_dict(state)  # copies (and upcasts) into the float32 parameters
+
+
+def grow_coord_channels(state: dict, in_channels: int) -> dict:
+    """A UNet state dict whose ``conv_in`` takes ``in_channels`` inputs, from one that takes
+    fewer: the added (coordinate) input channels get zero weights, so the grown UNet computes
+    exactly what the saved one did until training teaches it to use them."""
+    weight = state["conv_in.weight"]
+    extra = in_channels - weight.shape[1]
+    if extra <= 0:
+        raise ValueError(f"conv_in takes {weight.shape[1]} input channels; cannot grow it to {in_channels}")
+    grown = torch.cat([weight, weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])], dim=1)
+    return {**state, "conv_in.weight": grown}
 
 
 def export_pipeline(cfg, tok, text_encoder, unet, scheduler, out_dir, defaults: dict | None = None,
@@ -205,6 +231,7 @@ def export_pipeline(cfg, tok, text_encoder, unet, scheduler, out_dir, defaults: 
     pipe = ImagenPipeline(
         tokenizer=tok, text_encoder=copy.deepcopy(text_encoder).half(), unet=copy.deepcopy(unet).half(),
         scheduler=scheduler, unshuffle_factor=cfg.unshuffle_factor, max_sequence_length=cfg.max_length,
+        coord_channels=cfg.coord_channels,
     )  # fmt: skip
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -239,7 +266,7 @@ def evaluate_base(cfg, tok, text_encoder, unet, scheduler, n_prompts: int, guida
     pipe = ImagenPipeline(
         tokenizer=tok, text_encoder=text_encoder, unet=unet,
         scheduler=cls.from_config(scheduler.config), unshuffle_factor=cfg.unshuffle_factor,
-        max_sequence_length=cfg.max_length,
+        max_sequence_length=cfg.max_length, coord_channels=cfg.coord_channels,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     results = {}
@@ -454,6 +481,7 @@ def evaluate_sr(cfg: SRRunConfig, base_pipe, sr_unet, n_prompts: int, steps: int
         scheduler=base_pipe.scheduler, sr_unet=sr_unet, sr_scheduler=sr_sched,
         image_noising_scheduler=C.noising_scheduler(), unshuffle_factor=base_pipe.config.unshuffle_factor,
         max_sequence_length=base_pipe.config.max_sequence_length, sr_unshuffle_factor=cfg.unshuffle_factor,
+        coord_channels=base_pipe.config.get("coord_channels", 0),
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
 
@@ -559,6 +587,7 @@ def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict 
         sr_unet=copy.deepcopy(sr_unet).half(), sr_scheduler=DDIMScheduler.from_config(sr_config),
         image_noising_scheduler=C.noising_scheduler(), unshuffle_factor=base.config.unshuffle_factor,
         max_sequence_length=base.config.max_sequence_length, sr_unshuffle_factor=cfg.unshuffle_factor,
+        coord_channels=base.config.get("coord_channels", 0),
     )  # fmt: skip
     defaults = defaults or read_defaults(base_dir)
     out_dir = Path(out_dir)
@@ -643,7 +672,7 @@ DALLE2_PLAN: tuple[dict, ...] = (
     # lr 5e-4 to step 3,200 (the third ship), then 1e-4: the drop that broke the Imagen base's
     # stall (issue #10's report, and 14% -> 27% here); ``lr_drops`` maps a stage step (shipped
     # offset included) to the peak lr from there on (the generic loop rescales the schedule).
-    dict(stage="decoder", max_steps=8000, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4}),
+    dict(stage="decoder", max_steps=16000, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4}),
 )
 
 

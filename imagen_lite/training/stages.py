@@ -250,8 +250,11 @@ class ImagenBase(Stage):
             states = encode_t5(pipe.tokenizer, t5, texts, pipe.config.max_sequence_length, ctx.device)
         unet = parts["unet"]
         x0 = sampling.pixel_unshuffle(batch["pixel_values"], pipe.config.unshuffle_factor)  # (B, 3r^2, S/r, S/r)
+        coords = pipe.config.get("coord_channels", 0)  # the embedded default's x/y input channels
 
         def model_fn(x_t, t):
+            if coords:
+                x_t = torch.cat([x_t, sampling.coordinate_grid(x_t.shape[0], x_t.shape[-1], x_t.device, x_t.dtype)], dim=1)
             return unet(x_t, t, encoder_hidden_states=states.to(x_t.dtype), return_dict=False)[0]
 
         return diffusion_loss(model_fn, x0, ctx.scheduler, generator, cfg.min_snr_gamma)
