@@ -251,3 +251,23 @@ def test_coordinate_grid_and_bad_coord_channels():
     assert grid[0, 1, 0, 0] < 0 < grid[0, 1, -1, 0]  # y grows downwards
     with pytest.raises(ValueError, match="coord_channels=3"):
         ImagenPipeline(tokenizer=None, text_encoder=None, unet=None, scheduler=None, coord_channels=3)
+
+
+def test_a_dalle2_chunk_killed_after_checkpointing_still_counts_its_hours(tmp_path):
+    """hours.json adds a chunk's time when it returns; a run killed after a checkpoint (simulated:
+    the stage trained by the loop directly, not through train_dalle2) is counted at the next run
+    from that checkpoint's run_seconds, once."""
+    from imagen_lite.training.default import dalle2_hours, dalle2_stage_config, train_dalle2
+    from imagen_lite.training.loop import train
+
+    item = dict(stage="clip", max_steps=4, batch_size=2, checkpoint_every=2)
+    assert train_dalle2(tmp_path, minutes=30, chunk=2, plan=(dict(item, max_steps=2),), start="tiny") == {"clip": 2}
+    before = dalle2_hours(tmp_path)["clip"]
+    train(dalle2_stage_config(item, tmp_path, "tiny").replace(stop_at=4))  # the "killed" chunk
+    state = torch.load(tmp_path / "clip" / "checkpoints" / "step_000004" / "state.pt", weights_only=True)
+    seconds = state["extra"]["run_seconds"]
+    assert seconds > 0 and dalle2_hours(tmp_path)["clip"] == before
+    assert train_dalle2(tmp_path, minutes=30, chunk=2, plan=(item,), start="tiny") == {"clip": 4}
+    assert dalle2_hours(tmp_path)["clip"] == pytest.approx(before + seconds / 3600, abs=1e-4)
+    train_dalle2(tmp_path, minutes=30, chunk=2, plan=(item,), start="tiny")
+    assert dalle2_hours(tmp_path)["clip"] == pytest.approx(before + seconds / 3600, abs=1e-4)  # counted once

@@ -716,10 +716,38 @@ def dalle2_hours(cache: Path) -> dict:
     return _read_json(Path(cache) / "hours.json")
 
 
-def _add_dalle2_hours(cache: Path, stage: str, hours: float) -> None:
+ACCOUNTED_FILE = "hours_steps.json"  # {stage: the step up to which hours.json counts that stage's hours}
+
+
+def _add_dalle2_hours(cache: Path, stage: str, hours: float, step: int | None = None) -> None:
     total = dalle2_hours(cache)
     total[stage] = round(total.get(stage, 0.0) + hours, 4)
     (Path(cache) / "hours.json").write_text(json.dumps(total, indent=2))
+    if step is not None:
+        accounted = _read_json(Path(cache) / ACCOUNTED_FILE)
+        (Path(cache) / ACCOUNTED_FILE).write_text(json.dumps({**accounted, stage: int(step)}, indent=2))
+
+
+def _count_killed_chunk(cache: Path, stage: str, out: Path) -> None:
+    """Hours adds a chunk's wall time when the chunk returns; a run killed mid-chunk left
+    checkpoints that no hours counted. Their ``run_seconds`` (the killed call's time up to the
+    newest checkpoint) is added here, once. A stage with no accounted step yet (caches from
+    before this record) starts being accounted from its newest checkpoint."""
+    from .checkpoint import list_checkpoints
+
+    accounted = _read_json(Path(cache) / ACCOUNTED_FILE).get(stage)
+    ckpts = list_checkpoints(Path(out) / "checkpoints")
+    if not ckpts:
+        return
+    state = torch.load(ckpts[-1] / "state.pt", weights_only=True)
+    if accounted is None or state["step"] <= accounted:
+        if accounted is None:
+            _add_dalle2_hours(cache, stage, 0.0, state["step"])
+        return
+    seconds = float(state.get("extra", {}).get("run_seconds", 0.0))
+    logger.warning("dalle2 %s: steps %d..%d were checkpointed by a run that did not return; adding its %.2f h",
+                   stage, accounted, state["step"], seconds / 3600)  # fmt: skip
+    _add_dalle2_hours(cache, stage, seconds / 3600, state["step"])
 
 
 def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN, start: str = "small",
@@ -750,6 +778,7 @@ def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN
             cfg = cfg.replace(model=seed["from"], max_steps=cfg.max_steps - offset)
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             (Path(cfg.out) / WARM_START_FILE).write_text(json.dumps(seed))
+        _count_killed_chunk(cache, cfg.stage, Path(cfg.out))
         done = latest_step(cfg.out) or 0
         while done < cfg.max_steps and time.monotonic() < deadline:
             t0 = time.monotonic()
@@ -757,8 +786,8 @@ def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN
             drops = [int(at) - offset for at in (item.get("lr_drops") or {}) if int(at) - offset > done]
             stop = min([cfg.max_steps, done + chunk, *drops])
             train(cfg.replace(stop_at=stop, lr=lr_at(item, offset + done, cfg.lr)))
-            _add_dalle2_hours(cache, cfg.stage, (time.monotonic() - t0) / 3600)
             done = latest_step(cfg.out) or 0
+            _add_dalle2_hours(cache, cfg.stage, (time.monotonic() - t0) / 3600, done)
             logger.info("dalle2 %s: step %d/%d", cfg.stage, offset + done, offset + cfg.max_steps)
         steps[cfg.stage] = offset + done
         if done < cfg.max_steps:

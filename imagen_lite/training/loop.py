@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -311,12 +312,16 @@ def train(cfg: TrainConfig) -> Path:
             _continue_at_lr(optimizer, lr_scheduler, saved_lr, cfg.lr)
             logger.info("lr %g -> %g from step %d (the restored schedule, rescaled)", saved_lr, cfg.lr, step)
     micro = step * cfg.gradient_accumulation_steps
+    started = time.monotonic()
 
     def checkpoint() -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            # run_seconds: wall time of this call up to the checkpoint, so a caller that adds up
+            # hours per call (the DALL-E 2 default) can count a call killed after checkpointing
+            extra = {"micro_step": micro, "run_seconds": round(time.monotonic() - started, 1)}
             save_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), optimizer, lr_scheduler, ema,
-                            extra={"micro_step": micro}, config=json.loads(cfg.to_json()),
+                            extra=extra, config=json.loads(cfg.to_json()),
                             keep=cfg.keep_checkpoints, trainable_only=bool(lora_configs))  # fmt: skip
         accelerator.wait_for_everyone()
 
