@@ -79,6 +79,32 @@ def test_every_stage_trains_and_its_pipeline_generates(tmp_path, data_dir, start
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
+@pytest.mark.parametrize("family,stage", [("imagen", "base"), ("dalle2", "decoder")])
+def test_coord_channels_grow_on_a_pipeline_without_them(tmp_path, data_dir, start, family, stage):
+    """coord_channels=2 on a start pipeline without them: the grown pipeline draws what the start
+    drew (zero weights on the new inputs); training reaches those weights; the exported pipeline
+    keeps them and generates; a resume grows the start again and continues."""
+    pipe = S.load_start(config(data_dir, tmp_path / "x", family=family, model=start(family)))[0]
+    grown = S.with_coord_channels(pipe, 2)
+    assert grown.config.coord_channels == 2 and S.with_coord_channels(grown, 2) is grown
+    for p in (pipe, grown):
+        p.set_progress_bar_config(disable=True)
+    draw = [p("a red circle", num_inference_steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+              output_type="np").images for p in (pipe, grown)]  # fmt: skip
+    assert np.abs(np.asarray(draw[0]) - np.asarray(draw[1])).max() < 1e-5
+    cfg = config(data_dir, tmp_path / "out", family=family, stage=stage, model=start(family), coord_channels=2,
+                 max_steps=4, checkpoint_every=2, train_text_encoder=True if stage == "base" else None)  # fmt: skip
+    train(cfg.replace(stop_at=2))
+    out = train(cfg.replace(resume="latest"))
+    assert json.loads((out / "model_index.json").read_text())["coord_channels"] == 2
+    unet = (out / ("unet" if family == "imagen" else "decoder") / "diffusion_pytorch_model.safetensors")
+    weight = load_file(str(unet))["conv_in.weight"]
+    assert weight[:, -2:].abs().sum() > 0
+    assert np.isfinite(images_of(family, out)).all()
+    with pytest.raises(ValueError, match="coord_channels=3"):
+        config(data_dir, tmp_path / "o", coord_channels=3).check()
+
+
 def test_from_scratch_preset_trains_the_t5_jointly(tmp_path, data_dir):
     out = train(config(data_dir, tmp_path / "out", model="tiny", max_steps=2))
     saved = json.loads((out / "train_config.json").read_text())

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
@@ -123,6 +125,25 @@ def if_unet(
     if super_resolution:
         kwargs.update(class_embed_type="timestep", mid_block_scale_factor=1.414, time_embedding_act_fn="gelu")
     return UNet2DConditionModel(**kwargs)
+
+
+def grow_input_channels(state: dict, in_channels: int) -> dict:
+    """A UNet state dict whose ``conv_in`` takes ``in_channels`` inputs, from one that takes
+    fewer: the added inputs (coordinate channels) get zero weights, so the grown UNet computes
+    exactly what the saved one did until training teaches it to use them."""
+    weight = state["conv_in.weight"]
+    extra = in_channels - weight.shape[1]
+    if extra <= 0:
+        raise ValueError(f"conv_in takes {weight.shape[1]} input channels; cannot grow it to {in_channels}")
+    grown = torch.cat([weight, weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])], dim=1)
+    return {**state, "conv_in.weight": grown}
+
+
+def with_input_channels(unet: UNet2DConditionModel, in_channels: int) -> UNet2DConditionModel:
+    """A copy of ``unet`` taking ``in_channels`` inputs (see :func:`grow_input_channels`)."""
+    grown = UNet2DConditionModel.from_config({**unet.config, "in_channels": in_channels}).to(unet.dtype)
+    grown.load_state_dict(grow_input_channels(unet.state_dict(), in_channels))
+    return grown.to(unet.device)
 
 
 def ddpm_scheduler(prediction_type: str = "epsilon", variance_type: str = "fixed_small", **overrides) -> DDPMScheduler:

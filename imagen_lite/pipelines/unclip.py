@@ -19,6 +19,8 @@ Karlo's weights load unchanged with :func:`from_karlo_repo`.
 Pipeline config (saved in ``model_index.json``):
 - ``unshuffle_factor``: the decoder runs on ``r x r`` pixel patches (space-to-depth), as the
   Imagen family's base does for the embedded default. Karlo uses 1.
+- ``coord_channels``: 0 (Karlo) or 2: x/y coordinate input channels after the decoder's noisy
+  image, as ``ImagenPipeline``'s base (see there for why).
 
 Classifier-free guidance is decided per stage (``guidance_scale > 1``); the prior's
 unconditional input is the empty (or negative) prompt, the decoder's is that prompt plus the
@@ -98,8 +100,14 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         super_res_last=None,
         super_res_scheduler=None,
         unshuffle_factor: int = 1,
+        coord_channels: int = 0,
     ):
         super().__init__()
+        if coord_channels not in (0, 2):
+            raise ValueError(f"coord_channels={coord_channels!r}: 0 (none) or 2 (x and y) are allowed")
+        if decoder is not None and coord_channels >= decoder.config.in_channels:
+            raise ValueError(f"coord_channels={coord_channels} leaves no image channel: the decoder takes "
+                             f"{decoder.config.in_channels} input channels")  # fmt: skip
         sr = (super_res_first, super_res_last, super_res_scheduler)
         if any(c is not None for c in sr) and any(c is None for c in sr):
             raise ValueError(
@@ -118,7 +126,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             decoder_scheduler=decoder_scheduler,
             super_res_scheduler=super_res_scheduler,
         )
-        self.register_to_config(unshuffle_factor=int(unshuffle_factor))
+        self.register_to_config(unshuffle_factor=int(unshuffle_factor), coord_channels=int(coord_channels))
 
     # ------------------------------------------------------------------ structure
     @property
@@ -312,8 +320,9 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             scheduler.set_timesteps(steps[1], device=device)
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(0)
-            side = decoder.config.sample_size
-            x = randn_tensor((n, decoder.config.in_channels, side, side), generator=generator, device=device, dtype=decoder.dtype)
+            side, coords = decoder.config.sample_size, self.config.get("coord_channels", 0)
+            x = randn_tensor((n, decoder.config.in_channels - coords, side, side), generator=generator, device=device, dtype=decoder.dtype)
+            grid = sampling.coordinate_grid(n, side, device, decoder.dtype) if coords else None
             x = x * scheduler.init_noise_sigma
 
             def model_fn(model_input, t, i):
@@ -325,7 +334,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             with self.progress_bar(total=steps[1]) as bar, reuse_constant_inputs(decoder):
                 x = sampling.denoise(
                     model_fn, scheduler, x, scheduler.timesteps,
-                    guidance_scale=guidance[1], do_classifier_free_guidance=cfg_decoder,
+                    guidance_scale=guidance[1], do_classifier_free_guidance=cfg_decoder, cond_image=grid,
                     step_kwargs=_step_kwargs(scheduler, generator, scheduler.timesteps),
                     progress_bar=bar, callback=callback,
                 )  # fmt: skip
@@ -423,6 +432,7 @@ def from_karlo_repo(repo: str, *, torch_dtype=None) -> UnCLIPLitePipeline:
         prior_scheduler=load_scheduler(repo, "prior_scheduler", "UnCLIPScheduler"),
         decoder_scheduler=load_scheduler(repo, "decoder_scheduler", "UnCLIPScheduler"),
         unshuffle_factor=index.get("unshuffle_factor", 1),
+        coord_channels=index.get("coord_channels", 0),
     )
     if (index.get("super_res_first") or [None])[0]:
         parts.update(

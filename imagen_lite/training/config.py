@@ -66,6 +66,9 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no", "fp16", "bf16": trained weights stay float32 under autocast
     gradient_checkpointing: bool = False  # trade compute for memory on the trained UNets
     train_text_encoder: bool | None = None  # imagen base: train T5 jointly; None: only when from scratch
+    # x/y coordinate input channels on the imagen base UNet / dalle2 decoder (CoordConv, the embedded
+    # default's fix for ignored positions); None: as the start pipeline; 2: grow them (zero weights)
+    coord_channels: int | None = None
     sr_noise_level_max: int | None = None  # SR augmentation level ~ U[0, max); None: the noising scheduler's range
     lora_rank: int = 8
     lora_alpha: float | None = None  # None: = lora_rank (scale 1)
@@ -109,6 +112,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.stop_at is not None and (isinstance(self.stop_at, bool) or not isinstance(self.stop_at, int) or self.stop_at < 1):
             raise ValueError(f"stop_at={self.stop_at!r} must be a positive integer (a step), or None")
+        if self.coord_channels not in (None, 2):
+            raise ValueError(f"coord_channels={self.coord_channels!r}: None (as the start pipeline) or 2 (add x/y channels)")
         for name in ("warmup_steps", "validation_every", "num_workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -86,7 +86,7 @@ def shipped_stage(directory, stage: str, cfg) -> dict:
     defaults = _comparable(asdict(type(cfg)()))  # a field recorded before it existed had its default
     theirs = {k: _comparable(state["config"].get(k, defaults[k])) for k in ARCHITECTURE_FIELDS[stage]}
     if stage == "imagen-base" and theirs["coord_channels"] == 0:
-        theirs["coord_channels"] = ours["coord_channels"]  # growable: see grow_coord_channels
+        theirs["coord_channels"] = ours["coord_channels"]  # growable: _load_fp16 zero-initialises them
     differ = [k for k in ARCHITECTURE_FIELDS[stage] if theirs[k] != ours[k]]
     if differ:
         listed = ", ".join(f"{k}: shipped {state['config'].get(k)!r} vs run {ours[k]!r}" for k in differ)
@@ -136,7 +136,7 @@ class BaseRunConfig:
     eval_sampler: str = "ddpm"  # the shipped base sampler; the curve up to step 7,400 used "ddim"
     # 2: x/y coordinate channels after the noisy image (CoordConv; ImagenPipeline's coord_channels).
     # Through step 9,800 the base had none and placed objects at random (position accuracy at
-    # chance). A run with 2 may warm-start from weights without them: grow_coord_channels.
+    # chance). A run with 2 may warm-start from weights without them (components.grow_input_channels).
     coord_channels: int = 0
 
 
@@ -204,20 +204,8 @@ def _load_fp16(module: torch.nn.Module, directory: Path) -> None:
     saved = type(module).from_pretrained(directory)
     state = saved.state_dict()
     if hasattr(module, "conv_in") and state["conv_in.weight"].shape != module.conv_in.weight.shape:
-        state = grow_coord_channels(state, module.conv_in.weight.shape[1])
+        state = C.grow_input_channels(state, module.conv_in.weight.shape[1])  # coord_channels added
     module.load_state_dict(state)  # copies (and upcasts) into the float32 parameters
-
-
-def grow_coord_channels(state: dict, in_channels: int) -> dict:
-    """A UNet state dict whose ``conv_in`` takes ``in_channels`` inputs, from one that takes
-    fewer: the added (coordinate) input channels get zero weights, so the grown UNet computes
-    exactly what the saved one did until training teaches it to use them."""
-    weight = state["conv_in.weight"]
-    extra = in_channels - weight.shape[1]
-    if extra <= 0:
-        raise ValueError(f"conv_in takes {weight.shape[1]} input channels; cannot grow it to {in_channels}")
-    grown = torch.cat([weight, weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])], dim=1)
-    return {**state, "conv_in.weight": grown}
 
 
 def export_pipeline(cfg, tok, text_encoder, unet, scheduler, out_dir, defaults: dict | None = None,

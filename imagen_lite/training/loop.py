@@ -33,7 +33,9 @@ import torch
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, verify_checkpoint
 from .config import RESUMABLE_CHANGES, SCRATCH_PRESETS, TrainConfig, differences
 from .data import Batches, caption_words, open_source
-from .stages import Context, build_scratch, clone_pipeline, get_stage, load_start, new_image_encoder, noise_schedule
+from .stages import (
+    Context, build_scratch, clone_pipeline, get_stage, load_start, new_image_encoder, noise_schedule, with_coord_channels,
+)  # fmt: skip
 
 logger = logging.getLogger("imagen_lite.train")
 
@@ -234,6 +236,7 @@ def train(cfg: TrainConfig) -> Path:
     else:
         pipe, image_encoder, processor = load_start(cfg)
         start_dir = Path(cfg.model) if Path(cfg.model).is_dir() else None
+    pipe = with_coord_channels(pipe, cfg.coord_channels)
     if stage.needs_image_encoder and image_encoder is None:
         if stage.name != "clip":
             raise ValueError(

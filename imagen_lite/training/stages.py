@@ -417,8 +417,11 @@ class DalleDecoder(Stage):
                                         text_encoder_hidden_states=states.to(z_i.dtype), do_classifier_free_guidance=False)  # fmt: skip
         mask = F.pad(mask, (proj.config.clip_extra_context_tokens, 0), value=True)  # the image tokens
         x0 = sampling.pixel_unshuffle(batch["pixel_values"], pipe.config.unshuffle_factor)
+        coords = pipe.config.get("coord_channels", 0)
 
         def model_fn(x_t, t):
+            if coords:
+                x_t = torch.cat([x_t, sampling.coordinate_grid(x_t.shape[0], x_t.shape[-1], x_t.device, x_t.dtype)], dim=1)
             return decoder(x_t, t, encoder_hidden_states=context, class_labels=time_embeddings, attention_mask=mask,
                            return_dict=False)[0]  # fmt: skip
 
@@ -548,6 +551,27 @@ def new_image_encoder(pipe):
     size = U.ClipSize(embedding_dim=text.projection_dim, num_layers=text.num_hidden_layers,
                       num_heads=text.num_attention_heads, intermediate_size=text.intermediate_size)  # fmt: skip
     return U.clip_vision_encoder(size), U.clip_image_processor(size)
+
+
+COORD_UNETS = {"ImagenPipeline": "unet", "UnCLIPLitePipeline": "decoder"}  # the UNet that takes coord_channels
+
+
+def with_coord_channels(pipe, coord_channels: int | None):
+    """``pipe`` with ``coord_channels`` x/y input channels on its base UNet (Imagen) or decoder
+    (unCLIP): unchanged when it has them (or ``coord_channels`` is None); grown, with zero
+    weights on the new inputs, when it has none -- so it draws what it drew before."""
+    have = pipe.config.get("coord_channels", 0)
+    if coord_channels is None or coord_channels == have:
+        return pipe
+    attr = COORD_UNETS.get(type(pipe).__name__)
+    if attr is None or have != 0:
+        raise ValueError(f"coord_channels={coord_channels!r}: {type(pipe).__name__} with coord_channels={have} "
+                         f"cannot be changed to it (only grown from 0, on {sorted(COORD_UNETS)})")  # fmt: skip
+    from ..models import components as C
+
+    unet = getattr(pipe, attr)
+    grown = C.with_input_channels(unet, unet.config.in_channels + coord_channels)
+    return clone_pipeline(pipe, **{attr: grown, "coord_channels": coord_channels})
 
 
 def clone_pipeline(pipe, **replace):
