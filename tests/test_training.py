@@ -357,3 +357,34 @@ def test_corrupt_checkpoint_or_other_run_is_refused_before_any_step(tmp_path, da
     with pytest.raises(ValueError, match=match):
         train(cfg.replace(max_steps=3, resume="latest"))
     assert latest_step(out) == 1
+
+
+def test_snr_floor_weights_the_high_noise_steps_and_may_change_on_resume(tmp_path, data_dir):
+    """x0 weight clamp(SNR, floor, gamma): min-SNR alone gives high noise ~0 weight; the floor
+    lifts it. A run may resume with another floor (a recipe change, like lr)."""
+    snr = torch.tensor([0.0, 0.02, 0.5, 2.0, 10.0])
+    assert S.snr_floor_weight(snr, 5.0).tolist() == pytest.approx([0.0, 0.02, 0.5, 2.0, 5.0])
+    assert S.snr_floor_weight(snr, 5.0, 1.0).tolist() == pytest.approx([1.0, 1.0, 1.0, 2.0, 5.0])
+    with pytest.raises(ValueError, match="snr_floor=-1"):
+        config(data_dir, tmp_path / "o", snr_floor=-1).check()
+    cfg = config(data_dir, tmp_path / "out", max_steps=4, checkpoint_every=2)
+    train(cfg.replace(stop_at=2))
+    out = train(cfg.replace(resume="latest", snr_floor=1.0))
+    saved = json.loads((out / "checkpoints" / "step_000004" / "config.json").read_text())
+    assert saved["snr_floor"] == 1.0
+
+
+def test_snr_floor_raises_the_loss_of_high_noise_draws(data_dir):
+    """On the same draws, a floor only adds weight where SNR < floor: the loss can only grow,
+    and it does when a high-noise timestep is drawn."""
+    from imagen_lite.models import components as C
+
+    scheduler = C.ddpm_scheduler(prediction_type="sample")
+    x0 = torch.rand(8, 3, 8, 8) * 2 - 1
+
+    def model_fn(x_t, t):
+        return torch.zeros_like(x_t)
+
+    plain = S.diffusion_loss(model_fn, x0, scheduler, torch.Generator().manual_seed(0), 5.0)
+    floored = S.diffusion_loss(model_fn, x0, scheduler, torch.Generator().manual_seed(0), 5.0, snr_floor=1.0)
+    assert floored > plain

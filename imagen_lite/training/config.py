@@ -28,7 +28,7 @@ FINETUNE = ("full", "lora")
 # loop rescales the optimizer's and scheduler's lrs), the usual way to drop the lr for a last
 # phase of a long run (decision, fourth session: the DALL-E 2 decoder needed it).
 RESUMABLE_CHANGES = frozenset(
-    {"lr", "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
+    {"lr", "snr_floor", "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
      "validation_steps", "validation_guidance", "resume", "out", "log_every", "save_pipeline", "num_workers", "stop_at"}
 )  # fmt: skip
 
@@ -62,6 +62,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
     min_snr_gamma: float | None = 5.0  # min-SNR loss weights (Hang et al. 2023); None: plain MSE
+    snr_floor: float = 0.0  # x0-space weight clamp(SNR, snr_floor, gamma): >0 trains the high-noise (layout) steps
     ema_decay: float | None = 0.999  # EMA of the trained weights (exported); None: off
     mixed_precision: str = "no"  # "no", "fp16", "bf16": trained weights stay float32 under autocast
     gradient_checkpointing: bool = False  # trade compute for memory on the trained UNets
@@ -124,6 +125,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay={self.ema_decay!r} must be in (0, 1), or None for no EMA")
         if self.min_snr_gamma is not None and float(self.min_snr_gamma) <= 0:
             raise ValueError(f"min_snr_gamma={self.min_snr_gamma!r} must be > 0, or None for plain MSE")
+        if isinstance(self.snr_floor, bool) or not isinstance(self.snr_floor, (int, float)) or self.snr_floor < 0:
+            raise ValueError(f"snr_floor={self.snr_floor!r} must be a number >= 0 (0: plain min-SNR)")
         if float(self.lr) <= 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
         crop = tuple(self.sr_crop) if self.sr_crop else ()

@@ -46,6 +46,7 @@ from ..models import components as C
 from .. import sampling
 from ..sampling import pixel_unshuffle, upsample
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .stages import snr_floor_weight
 
 logger = logging.getLogger("imagen_lite.train")
 
@@ -114,6 +115,9 @@ class BaseRunConfig:
     ema_decay: float = 0.999  # sampling from the EMA broke the 20% plateau in issue #10's run
     caption_dropout: float = 0.1  # classifier-free guidance needs an unconditional branch
     min_snr_gamma: float = 5.0  # min-SNR-5 weighting (Hang et al. 2023), x0 target
+    # x0 weight clamp(SNR, snr_floor, gamma) (stages.snr_floor_weight): through step 10,400 it was 0,
+    # which left the high-noise steps (layout: positions, relations) untrained
+    snr_floor: float = 0.0
     unshuffle_factor: int = 4  # base UNet sees 48x16x16: attention at 16x16 cost ~8x a step at r=2 here
     bf16: bool = False  # CPU autocast pays only with AVX-512 BF16; on AVX2 it was 3x slower (measured)
     seed: int = 0
@@ -183,7 +187,7 @@ def loss_fn(cfg, model, tok, scheduler, images, texts, gen: torch.Generator):
     xt = scheduler.add_noise(x0, noise, t)
     ac = scheduler.alphas_cumprod[t]
     snr = ac / (1 - ac)
-    weight = snr.clamp(max=cfg.min_snr_gamma)  # min-SNR-gamma for an x0 target
+    weight = snr_floor_weight(snr, cfg.min_snr_gamma, cfg.snr_floor)  # min-SNR-gamma for an x0 target
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else torch.autocast("cpu", enabled=False)
     with ctx:
         states = model.text_encoder(ids.input_ids, attention_mask=ids.attention_mask)[0]
@@ -660,7 +664,10 @@ DALLE2_PLAN: tuple[dict, ...] = (
     # lr 5e-4 to step 3,200 (the third ship), then 1e-4: the drop that broke the Imagen base's
     # stall (issue #10's report, and 14% -> 27% here); ``lr_drops`` maps a stage step (shipped
     # offset included) to the peak lr from there on (the generic loop rescales the schedule).
-    dict(stage="decoder", max_steps=16000, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4}),
+    # snr_floor 1 (stages.snr_floor_weight) from the fifth session's restart (step 8,900 onwards;
+    # the steps before had 0, plain min-SNR): min-SNR alone left the high-noise steps, where the
+    # layout is decided, with ~zero loss weight -- positions at chance in both families.
+    dict(stage="decoder", max_steps=16000, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4}, snr_floor=1.0),
 )
 
 
