@@ -664,7 +664,7 @@ DALLE2_PLAN: tuple[dict, ...] = (
     # lr 5e-4 to step 3,200 (the third ship), then 1e-4: the drop that broke the Imagen base's
     # stall (issue #10's report, and 14% -> 27% here); ``lr_drops`` maps a stage step (shipped
     # offset included) to the peak lr from there on (the generic loop rescales the schedule).
-    # snr_floor 1 (stages.snr_floor_weight) from the fifth session's restart (step 8,900 onwards;
+    # snr_floor 1 (stages.snr_floor_weight) from the fifth session's restart (step 9,300 onwards;
     # the steps before had 0, plain min-SNR): min-SNR alone left the high-noise steps, where the
     # layout is decided, with ~zero loss weight -- positions at chance in both families.
     dict(stage="decoder", max_steps=16000, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4}, snr_floor=1.0),
