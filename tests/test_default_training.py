@@ -271,3 +271,18 @@ def test_a_dalle2_chunk_killed_after_checkpointing_still_counts_its_hours(tmp_pa
     assert dalle2_hours(tmp_path)["clip"] == pytest.approx(before + seconds / 3600, abs=1e-4)
     train_dalle2(tmp_path, minutes=30, chunk=2, plan=(item,), start="tiny")
     assert dalle2_hours(tmp_path)["clip"] == pytest.approx(before + seconds / 3600, abs=1e-4)  # counted once
+
+
+def test_probe_layout_prints_a_row_per_timestep_and_prompt(tmp_path, capsys):
+    """scripts/probe_layout.py on an exported base with coordinate channels, raw checkpoint weights."""
+    import runpy
+
+    D.train_base(tiny_base_cfg(coord_channels=2), tmp_path / "run", minutes=10, resume=None, max_steps=2,
+                 export_dir=tmp_path / "pipe")  # fmt: skip
+    probe = runpy.run_path(str(imagen_lite.__path__[0] + "/../scripts/probe_layout.py"))
+    probe["main"]([str(tmp_path / "pipe"), "--checkpoint", str(list_checkpoints(tmp_path / "run")[-1]),
+                   "--timesteps", "999,500", "--draws", "2"])  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 999 ") or line.startswith("| 500 ")]
+    assert len(rows) == 2 * len(probe["PROMPTS"])
+    shares = json.loads(rows[0].split("|")[3])
+    assert sum(shares) == pytest.approx(1.0, abs=0.02)
