@@ -23,10 +23,11 @@ Pipeline config (saved in ``model_index.json``):
   conditioning image both unshuffled); IF uses 1.
 - ``max_sequence_length``: tokens given to T5 (IF trained with 77).
 - ``coord_channels``: 0 (IF) or 2: the base UNet's input carries, after the noisy image, an x
-  and a y coordinate channel (:func:`imagen_lite.sampling.coordinate_grid`, CoordConv). The
-  embedded default uses it: without them its base drew shapes of the right colour anywhere,
-  ignoring "on the left" / "at the top" (position accuracy at chance, issue #10), since
-  convolutions and attention only see absolute position through the zero padding.
+  and a y coordinate channel (:func:`imagen_lite.sampling.coordinate_grid`, CoordConv):
+  convolutions and attention otherwise see absolute position only through the zero padding.
+  Added (fifth session) because the embedded default's base ignores "on the left" / "at the
+  top"; the shipped base has none, and 3,600 steps with them did not yet teach it positions
+  (docs/model_card.md).
 
 The denoising math is :func:`imagen_lite.sampling.denoise`, shared with the unCLIP family; this
 file reproduces diffusers' ``IFPipeline`` + ``IFSuperResolutionPipeline`` draw for draw, which

@@ -67,8 +67,8 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no", "fp16", "bf16": trained weights stay float32 under autocast
     gradient_checkpointing: bool = False  # trade compute for memory on the trained UNets
     train_text_encoder: bool | None = None  # imagen base: train T5 jointly; None: only when from scratch
-    # x/y coordinate input channels on the imagen base UNet / dalle2 decoder (CoordConv, the embedded
-    # default's fix for ignored positions); None: as the start pipeline; 2: grow them (zero weights)
+    # x/y coordinate input channels on the imagen base UNet / dalle2 decoder (CoordConv, tried for the
+    # embedded default's ignored positions); None: as the start pipeline; 2: grow them (zero weights)
     coord_channels: int | None = None
     sr_noise_level_max: int | None = None  # SR augmentation level ~ U[0, max); None: the noising scheduler's range
     lora_rank: int = 8

@@ -139,8 +139,9 @@ class BaseRunConfig:
     eval_prompts: int = 40
     eval_sampler: str = "ddpm"  # the shipped base sampler; the curve up to step 7,400 used "ddim"
     # 2: x/y coordinate channels after the noisy image (CoordConv; ImagenPipeline's coord_channels).
-    # Through step 9,800 the base had none and placed objects at random (position accuracy at
-    # chance). A run with 2 may warm-start from weights without them (components.grow_input_channels).
+    # The base ignores position words (chance accuracy); the cache run has had them since step 9,200,
+    # without a change in positions yet. A run with 2 may warm-start from weights without them
+    # (components.grow_input_channels).
     coord_channels: int = 0
 
 
@@ -728,8 +729,6 @@ def _count_killed_chunk(cache: Path, stage: str, out: Path) -> None:
     checkpoints that no hours counted. Their ``run_seconds`` (the killed call's time up to the
     newest checkpoint) is added here, once. A stage with no accounted step yet (caches from
     before this record) starts being accounted from its newest checkpoint."""
-    from .checkpoint import list_checkpoints
-
     accounted = _read_json(Path(cache) / ACCOUNTED_FILE).get(stage)
     ckpts = list_checkpoints(Path(out) / "checkpoints")
     if not ckpts:

@@ -58,10 +58,10 @@ def drop_captions(texts: list[str], p: float, generator: torch.Generator) -> tup
 def snr_floor_weight(snr: torch.Tensor, gamma: float, floor: float = 0.0) -> torch.Tensor:
     """The x0-space loss weight ``clamp(SNR, floor, gamma)``. Min-SNR alone (floor 0) weights an
     x0 error by ~SNR at high noise: 0.02 at t=900 of a 1,000-step cosine schedule, 0 at 999,
-    against 5 at low noise. Those are the steps where a sample's layout is decided, and with
-    ~zero weight the embedded default never learned it: its x0 prediction at t >= 800 was the
-    same for "on the left" and "on the right" (issue #10, fifth session). floor 1 gives every
-    step with SNR < 1 (t > ~500) weight 1."""
+    against 5 at low noise. Those are the steps where a sample's layout is decided; the embedded
+    default, trained with ~zero weight there, predicts the same x0 from noise for "on the left"
+    and "on the right" (issue #10, fifth session; 2,400 steps at floor 1 have not changed that
+    yet). floor 1 gives every step with SNR < 1 (t > ~500) weight 1."""
     return snr.clamp(max=gamma).clamp(min=min(floor, gamma))
 
 
