@@ -100,6 +100,14 @@ def coordinate_grid(batch: int, side: int, device=None, dtype=None) -> torch.Ten
     return torch.stack([x, y]).to(dtype=dtype).unsqueeze(0).expand(batch, -1, -1, -1)
 
 
+def append_coordinates(x: torch.Tensor, coord_channels: int) -> torch.Tensor:
+    """``x`` (B, C, S, S) with :func:`coordinate_grid` appended on channels when ``coord_channels``
+    (a pipeline's ``coord_channels``: 0 or 2) asks for it; ``x`` itself otherwise."""
+    if not coord_channels:
+        return x
+    return torch.cat([x, coordinate_grid(x.shape[0], x.shape[-1], x.device, x.dtype)], dim=1)
+
+
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     """(B, C*r*r, H/r, W/r) -> (B, C, H, W); identity for ``factor == 1``."""
     return x if factor == 1 else F.pixel_shuffle(x, factor)

@@ -192,8 +192,7 @@ def loss_fn(cfg, model, tok, scheduler, images, texts, gen: torch.Generator):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else torch.autocast("cpu", enabled=False)
     with ctx:
         states = model.text_encoder(ids.input_ids, attention_mask=ids.attention_mask)[0]
-        if cfg.coord_channels:
-            xt = torch.cat([xt, sampling.coordinate_grid(b, xt.shape[-1])], dim=1)
+        xt = sampling.append_coordinates(xt, cfg.coord_channels)
         pred = model.unet(xt, t, encoder_hidden_states=states, return_dict=False)[0]
     per_sample = F.mse_loss(pred.float(), x0, reduction="none").mean(dim=(1, 2, 3))
     return (weight * per_sample).mean()

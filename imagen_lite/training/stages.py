@@ -264,8 +264,7 @@ class ImagenBase(Stage):
         coords = pipe.config.get("coord_channels", 0)  # the embedded default's x/y input channels
 
         def model_fn(x_t, t):
-            if coords:
-                x_t = torch.cat([x_t, sampling.coordinate_grid(x_t.shape[0], x_t.shape[-1], x_t.device, x_t.dtype)], dim=1)
+            x_t = sampling.append_coordinates(x_t, coords)
             return unet(x_t, t, encoder_hidden_states=states.to(x_t.dtype), return_dict=False)[0]
 
         return diffusion_loss(model_fn, x0, ctx.scheduler, generator, cfg.min_snr_gamma, snr_floor=cfg.snr_floor)
@@ -431,8 +430,7 @@ class DalleDecoder(Stage):
         coords = pipe.config.get("coord_channels", 0)
 
         def model_fn(x_t, t):
-            if coords:
-                x_t = torch.cat([x_t, sampling.coordinate_grid(x_t.shape[0], x_t.shape[-1], x_t.device, x_t.dtype)], dim=1)
+            x_t = sampling.append_coordinates(x_t, coords)
             return decoder(x_t, t, encoder_hidden_states=context, class_labels=time_embeddings, attention_mask=mask,
                            return_dict=False)[0]  # fmt: skip
 
