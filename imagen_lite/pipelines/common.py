@@ -60,6 +60,16 @@ def per_stage(value, stages: Sequence[str], name: str, *, kind: str) -> tuple:
     return tuple(out)
 
 
+def check_coord_channels(coord_channels, unet, what: str) -> None:
+    """A pipeline's ``coord_channels`` (x/y input channels of ``unet``, named ``what``): 0 or 2,
+    leaving the UNet at least one image channel."""
+    if coord_channels not in (0, 2):
+        raise ValueError(f"coord_channels={coord_channels!r}: 0 (none) or 2 (x and y) are allowed")
+    if unet is not None and coord_channels >= unet.config.in_channels:
+        raise ValueError(f"coord_channels={coord_channels} leaves no image channel: {what} takes "
+                         f"{unet.config.in_channels} input channels")  # fmt: skip
+
+
 def check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type={output_type!r} is not valid; use one of {OUTPUT_TYPES}")

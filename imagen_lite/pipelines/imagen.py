@@ -41,7 +41,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import sampling
-from .common import check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, run_finite, timed, tokenize
+from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, run_finite, timed, tokenize
 from .speed import reuse_constant_inputs
 
 
@@ -68,11 +68,7 @@ class ImagenPipeline(DiffusionPipeline):
         coord_channels: int = 0,
     ):
         super().__init__()
-        if coord_channels not in (0, 2):
-            raise ValueError(f"coord_channels={coord_channels!r}: 0 (none) or 2 (x and y) are allowed")
-        if unet is not None and coord_channels >= unet.config.in_channels:
-            raise ValueError(f"coord_channels={coord_channels} leaves no image channel: the base UNet takes "
-                             f"{unet.config.in_channels} input channels")  # fmt: skip
+        check_coord_channels(coord_channels, unet, "the base UNet")
         if sr_unet is not None and (sr_scheduler is None or image_noising_scheduler is None):
             raise ValueError("sr_unet needs both sr_scheduler and image_noising_scheduler")
         if sr_unet_2 is not None and (sr_unet is None or sr_scheduler_2 is None):

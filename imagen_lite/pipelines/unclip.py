@@ -45,7 +45,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import sampling
 from ..models.text_proj import UnCLIPTextProjection
-from .common import check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, run_finite, timed, tokenize
+from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, run_finite, timed, tokenize
 from .speed import reuse_constant_inputs
 
 
@@ -103,11 +103,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         coord_channels: int = 0,
     ):
         super().__init__()
-        if coord_channels not in (0, 2):
-            raise ValueError(f"coord_channels={coord_channels!r}: 0 (none) or 2 (x and y) are allowed")
-        if decoder is not None and coord_channels >= decoder.config.in_channels:
-            raise ValueError(f"coord_channels={coord_channels} leaves no image channel: the decoder takes "
-                             f"{decoder.config.in_channels} input channels")  # fmt: skip
+        check_coord_channels(coord_channels, decoder, "the decoder")
         sr = (super_res_first, super_res_last, super_res_scheduler)
         if any(c is not None for c in sr) and any(c is None for c in sr):
             raise ValueError(

@@ -733,9 +733,10 @@ def _count_killed_chunk(cache: Path, stage: str, out: Path) -> None:
     if not ckpts:
         return
     state = torch.load(ckpts[-1] / "state.pt", weights_only=True)
-    if accounted is None or state["step"] <= accounted:
-        if accounted is None:
-            _add_dalle2_hours(cache, stage, 0.0, state["step"])
+    if accounted is None:
+        _add_dalle2_hours(cache, stage, 0.0, state["step"])
+        return
+    if state["step"] <= accounted:
         return
     seconds = float(state.get("extra", {}).get("run_seconds", 0.0))
     logger.warning("dalle2 %s: steps %d..%d were checkpointed by a run that did not return; adding its %.2f h",
