@@ -12,11 +12,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import re
 
 __all__ = ["register", "cmd_train"]
 
-SHORT = {"family": "imagen | dalle2", "stage": "imagen: base | sr; dalle2: clip | prior | decoder | sr"}
+SHORT = {
+    "family": "imagen | dalle2",
+    "stage": "imagen: base | sr; dalle2: clip | prior | decoder | sr",
+    "timestep_bias_strategy": "none | later | earlier | range (as diffusers' SDXL script's --timestep_bias_strategy)",
+    "shapes_mixture": 'data shapes: JSON share per caption kind, e.g. \'{"position": 0.5, "relation": 0.5}\'',
+}
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -33,13 +39,15 @@ def _typed(annotation: str):
         if text.lower() == "none" and "None" in annotation:
             return None
         try:
+            if "dict" in annotation:
+                return json.loads(text)
             if "float" in annotation:
                 return float(text)
             if "int" in annotation:
                 return int(text)
             return text
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {annotation}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {annotation}") from None  # JSONDecodeError too
 
     return convert
 

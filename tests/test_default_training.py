@@ -286,3 +286,23 @@ def test_probe_layout_prints_a_row_per_timestep_and_prompt(tmp_path, capsys):
     assert len(rows) == 2 * len(probe["PROMPTS"])
     shares = json.loads(rows[0].split("|")[3])
     assert sum(shares) == pytest.approx(1.0, abs=0.02)
+
+
+def test_the_base_trainer_draws_timesteps_with_its_bias(tmp_path):
+    """The layout phase's timestep bias reaches the base's loss: "earlier" x0 over 90% of the steps
+    leaves only t >= 900; the default draws uniformly. A bad bias is refused before training."""
+
+    def drawn(cfg):
+        tok, t5, unet, sched = D.build_base(cfg)
+        seen = []
+        unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[1].clone()), with_kwargs=True)
+        images = torch.zeros(32, 3, 64, 64)
+        D.loss_fn(cfg, D.Trainable(t5, unet), tok, sched, images, ["a red circle"] * 32, torch.Generator().manual_seed(0))
+        return seen[0]
+
+    assert int(drawn(tiny_base_cfg(timestep_bias_strategy="earlier", timestep_bias_multiplier=0.0,
+                                   timestep_bias_portion=0.9)).min()) >= 900  # fmt: skip
+    assert int(drawn(tiny_base_cfg()).min()) < 900
+    with pytest.raises(ValueError, match="timestep_bias_strategy='noisy'"):
+        D.train_base(tiny_base_cfg(timestep_bias_strategy="noisy"), tmp_path / "bad", minutes=10, resume=None, max_steps=2)
+    assert not list_checkpoints(tmp_path / "bad")

@@ -388,3 +388,74 @@ def test_snr_floor_raises_the_loss_of_high_noise_draws(data_dir):
     plain = S.diffusion_loss(model_fn, x0, scheduler, torch.Generator().manual_seed(0), 5.0)
     floored = S.diffusion_loss(model_fn, x0, scheduler, torch.Generator().manual_seed(0), 5.0, snr_floor=1.0)
     assert floored > plain
+
+
+def test_timestep_bias_draws_the_biased_timesteps_more_often():
+    """diffusers' --timestep_bias_* semantics: "later" multiplies the draw weight of the noisiest
+    `portion`, "earlier" of the first, "range" of [begin, end); "none" or multiplier 1 is uniform."""
+    assert S.timestep_bias_weights(1000) is None
+    assert S.timestep_bias_weights(1000, "later", 1.0, 0.3) is None
+    w = S.timestep_bias_weights(1000, "later", 3.0, 0.3)
+    assert w[:700].unique().tolist() == [1.0] and w[700:].unique().tolist() == [3.0]
+    t = S.sample_timesteps(20000, 1000, torch.Generator().manual_seed(0), w)
+    assert float((t >= 700).float().mean()) == pytest.approx(900 / 1600, abs=0.015)  # 56% instead of 30%
+    w = S.timestep_bias_weights(1000, "range", 0.0, begin=100, end=900)
+    t = S.sample_timesteps(5000, 1000, torch.Generator().manual_seed(0), w)
+    assert bool(((t < 100) | (t >= 900)).all())
+    w = S.timestep_bias_weights(1000, "earlier", 2.0, 0.5)
+    assert w[:500].unique().tolist() == [2.0] and w[500:].unique().tolist() == [1.0]
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(timestep_bias_strategy="late"), r"timestep_bias_strategy='late': one of \('none', 'later', 'earlier', 'range'\)"),
+        (dict(timestep_bias_multiplier=-1.0), r"timestep_bias_multiplier=-1.0 must be a number >= 0"),
+        (dict(timestep_bias_portion=1.5), r"timestep_bias_portion=1.5 must be in \(0, 1\]"),
+        (dict(timestep_bias_strategy="range", timestep_bias_begin=900, timestep_bias_end=100),
+         r"timestep_bias_begin=900, timestep_bias_end=100: need 0 <= begin < end <= 1000"),
+        (dict(shapes_mixture={"position": 1.0}), r"shapes_mixture=\{'position': 1.0\} is for data 'shapes'"),
+    ],
+)  # fmt: skip
+def test_bad_timestep_bias_and_mixture_are_rejected_by_name(tmp_path, data_dir, kw, match):
+    with pytest.raises(ValueError, match=match):
+        config(data_dir, tmp_path / "o", **kw).check()
+
+
+def test_diffusion_loss_draws_only_the_weighted_timesteps():
+    """With "earlier" x0 (multiplier 0) over 90% of the steps, every draw lands in t >= 900: the
+    biased sampler reaches the loss."""
+    from imagen_lite.models import components as C
+
+    scheduler = C.ddpm_scheduler(prediction_type="sample")
+    seen = []
+
+    def model_fn(x_t, t):
+        seen.append(t.clone())
+        return torch.zeros_like(x_t)
+
+    w = S.timestep_bias_weights(1000, "earlier", 0.0, 0.9)
+    S.diffusion_loss(model_fn, torch.zeros(64, 3, 4, 4), scheduler, torch.Generator().manual_seed(0), 5.0, t_weights=w)
+    assert int(seen[0].min()) >= 900
+
+
+def test_shapes_mixture_sets_the_caption_kinds_and_bias_may_change_on_resume(tmp_path):
+    """--shapes-mixture picks the caption kinds of the shapes stream; a run may resume with a
+    timestep bias and mixture it did not have (the layout phase of the embedded default)."""
+    from imagen_lite.cli_train import _typed
+    from imagen_lite.data.shapes import POSITIONS
+
+    source = open_source("shapes", shapes_mixture={"position": 1.0})
+    assert all(any(w in source.caption(i) for w in POSITIONS) for i in range(20))
+    assert not all(any(w in open_source("shapes").caption(i) for w in POSITIONS) for i in range(20))
+    assert _typed("dict | None")('{"position": 1.0}') == {"position": 1.0}
+    with pytest.raises(ValueError, match="mixture has unknown kind"):
+        open_source("shapes", shapes_mixture={"positions": 1.0})
+    cfg = TrainConfig(data="shapes", out=str(tmp_path / "out"), max_steps=4, batch_size=2, lr=1e-3, warmup_steps=0,
+                      ema_decay=None, checkpoint_every=2, log_every=1)  # fmt: skip
+    train(cfg.replace(stop_at=2))
+    layout = dict(timestep_bias_strategy="later", timestep_bias_multiplier=3.0, timestep_bias_portion=0.3,
+                  shapes_mixture={"position": 0.5, "relation": 0.5})  # fmt: skip
+    out = train(cfg.replace(resume="latest", **layout))
+    saved = json.loads((out / "checkpoints" / "step_000004" / "config.json").read_text())
+    assert {k: saved[k] for k in layout} == layout

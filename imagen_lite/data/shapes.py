@@ -180,6 +180,15 @@ class ParsedCaption:
 # --------------------------------------------------------------------------------------
 
 
+def vocabulary() -> list[str]:
+    """Every word the grammar can produce, in a fixed order (word-level tokenizers of models
+    trained on shapes: the same ids whatever mixture of caption kinds a run draws)."""
+    words = ["a", "an", "and", "small", "large", *COLORS, *SHAPES, *(s + "s" for s in SHAPES)]
+    for phrase in (*POSITIONS, *RELATIONS, *NUMBERS):
+        words += phrase.split()
+    return list(dict.fromkeys(words))
+
+
 def _article(word: str) -> str:
     return "an" if word == "orange" else "a"
 

@@ -18,6 +18,24 @@ FAMILY_STAGES = {
     "imagen": ("base", "sr"),
     "dalle2": ("clip", "prior", "decoder", "sr"),
 }
+TIMESTEP_BIAS = ("none", "later", "earlier", "range")
+
+
+def check_timestep_bias(strategy: str, multiplier: float, portion: float, begin: int, end: int | None,
+                        num_train_timesteps: int = 1000) -> None:  # fmt: skip
+    """Reject a bad timestep-bias setting with a message naming the value and what is allowed."""
+    if strategy not in TIMESTEP_BIAS:
+        raise ValueError(f"timestep_bias_strategy={strategy!r}: one of {TIMESTEP_BIAS}")
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier < 0:
+        raise ValueError(f"timestep_bias_multiplier={multiplier!r} must be a number >= 0 (1: no bias, 0: never)")
+    if isinstance(portion, bool) or not isinstance(portion, (int, float)) or not 0.0 < portion <= 1.0:
+        raise ValueError(f"timestep_bias_portion={portion!r} must be in (0, 1]")
+    stop = num_train_timesteps if end is None else end
+    if strategy == "range" and not (isinstance(begin, int) and isinstance(stop, int) and 0 <= begin < stop <= num_train_timesteps):
+        raise ValueError(f"timestep_bias_begin={begin!r}, timestep_bias_end={end!r}: need 0 <= begin < end <= "
+                         f"{num_train_timesteps} (end None: {num_train_timesteps})")  # fmt: skip
+
+
 SCRATCH_PRESETS = ("tiny", "small")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -28,7 +46,8 @@ FINETUNE = ("full", "lora")
 # loop rescales the optimizer's and scheduler's lrs), the usual way to drop the lr for a last
 # phase of a long run (decision, fourth session: the DALL-E 2 decoder needed it).
 RESUMABLE_CHANGES = frozenset(
-    {"lr", "snr_floor", "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
+    {"lr", "snr_floor", "timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion",
+     "timestep_bias_begin", "timestep_bias_end", "shapes_mixture", "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
      "validation_steps", "validation_guidance", "resume", "out", "log_every", "save_pipeline", "num_workers", "stop_at"}
 )  # fmt: skip
 
@@ -51,6 +70,8 @@ class TrainConfig:
     sr_crop: tuple = (16, 32)  # SR stages: low-res crop side range in px (Imagen trains SR on crops)
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     num_workers: int = 0  # image decoding threads (0: in the training process)
+    # data "shapes": share of each caption kind, e.g. {"position": 0.5, "relation": 0.5}; None: the stream's default
+    shapes_mixture: dict | None = None
     # -- optimisation
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 8  # per process and micro-step
@@ -63,6 +84,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     min_snr_gamma: float | None = 5.0  # min-SNR loss weights (Hang et al. 2023); None: plain MSE
     snr_floor: float = 0.0  # x0-space weight clamp(SNR, snr_floor, gamma): >0 trains the high-noise (layout) steps
+    # timestep sampling bias, as diffusers' SDXL training script's --timestep_bias_* (stages.timestep_bias_weights):
+    # "later" multiplies the draw weight of the noisiest `portion` of the timesteps by `multiplier`
+    timestep_bias_strategy: str = "none"  # one of TIMESTEP_BIAS
+    timestep_bias_multiplier: float = 1.0  # draw weight of the biased timesteps (1: uniform, 0: never drawn)
+    timestep_bias_portion: float = 0.25  # "later"/"earlier": the share of the timesteps that is biased
+    timestep_bias_begin: int = 0  # "range": [begin, end)
+    timestep_bias_end: int | None = None  # None: num_train_timesteps
     ema_decay: float | None = 0.999  # EMA of the trained weights (exported); None: off
     mixed_precision: str = "no"  # "no", "fp16", "bf16": trained weights stay float32 under autocast
     gradient_checkpointing: bool = False  # trade compute for memory on the trained UNets
@@ -127,6 +155,10 @@ class TrainConfig:
             raise ValueError(f"min_snr_gamma={self.min_snr_gamma!r} must be > 0, or None for plain MSE")
         if isinstance(self.snr_floor, bool) or not isinstance(self.snr_floor, (int, float)) or self.snr_floor < 0:
             raise ValueError(f"snr_floor={self.snr_floor!r} must be a number >= 0 (0: plain min-SNR)")
+        check_timestep_bias(self.timestep_bias_strategy, self.timestep_bias_multiplier, self.timestep_bias_portion,
+                            self.timestep_bias_begin, self.timestep_bias_end)  # fmt: skip
+        if self.shapes_mixture is not None and self.data != "shapes":
+            raise ValueError(f"shapes_mixture={self.shapes_mixture!r} is for data 'shapes' (got data={self.data!r})")
         if float(self.lr) <= 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
         crop = tuple(self.sr_crop) if self.sr_crop else ()

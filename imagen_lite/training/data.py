@@ -139,11 +139,11 @@ class DatasetsSource(Source):
 class ShapesSource(Source):
     """The shapes stream: sample ``i`` is a function of ``(seed, i)``; endless."""
 
-    def __init__(self, seed: int = 0, exclude_heldout: bool = True):
+    def __init__(self, seed: int = 0, exclude_heldout: bool = True, mixture: dict | None = None):
         from ..data.shapes import ShapesDataset
 
-        self.dataset = ShapesDataset(size=64, seed=seed, exclude_heldout=exclude_heldout)
-        self.description = f"shapes stream (seed {seed})"
+        self.dataset = ShapesDataset(size=64, seed=seed, mixture=mixture, exclude_heldout=exclude_heldout)
+        self.description = f"shapes stream (seed {seed}" + (f", mixture {mixture})" if mixture else ")")
 
     def __len__(self) -> int:
         raise TypeError("the shapes stream is endless")
@@ -291,10 +291,12 @@ def _is_saved_dataset(path: Path) -> bool:
     return any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
 
 
-def open_source(data: str, image_column: str = "image", caption_column: str = "text", seed: int = 0) -> Source:
-    """The :class:`Source` that ``--data`` names; every check on the data happens here."""
+def open_source(data: str, image_column: str = "image", caption_column: str = "text", seed: int = 0,
+                shapes_mixture: dict | None = None) -> Source:  # fmt: skip
+    """The :class:`Source` that ``--data`` names; every check on the data happens here.
+    ``shapes_mixture`` (data "shapes" only): the share of each caption kind."""
     if data == "shapes":
-        return ShapesSource(seed=seed)
+        return ShapesSource(seed=seed, mixture=shapes_mixture)
     path = Path(data)
     if path.is_dir():
         if not any(path.iterdir()):
@@ -383,8 +385,14 @@ class Batches:
 
 def caption_words(source: Source, limit: int = 5000) -> list[str]:
     """The most frequent whitespace-separated words of the captions (lower case), for the word
-    tokenizers of from-scratch models."""
+    tokenizers of from-scratch models. The shapes stream gives its grammar's whole vocabulary
+    instead: a resume with another ``shapes_mixture`` must see the same token ids."""
     from collections import Counter
+
+    if isinstance(source, ShapesSource):
+        from ..data.shapes import vocabulary
+
+        return vocabulary()[:limit]
 
     counts = Counter(w for text in source.captions(limit=20_000) for w in text.lower().split())
     return [w for w, _ in counts.most_common(limit)]

@@ -46,7 +46,8 @@ from ..models import components as C
 from .. import sampling
 from ..sampling import pixel_unshuffle, upsample
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .stages import snr_floor_weight
+from .config import check_timestep_bias
+from .stages import sample_timesteps, snr_floor_weight, timestep_bias_weights
 
 logger = logging.getLogger("imagen_lite.train")
 
@@ -96,12 +97,7 @@ def shipped_stage(directory, stage: str, cfg) -> dict:
     return state
 
 
-def shapes_vocabulary() -> list[str]:
-    """Every word the shapes grammar can produce (the word-level tokenizer's vocabulary)."""
-    words = ["a", "an", "and", "small", "large", *shapes.COLORS, *shapes.SHAPES, *(s + "s" for s in shapes.SHAPES)]
-    for phrase in (*shapes.POSITIONS, *shapes.RELATIONS, *shapes.NUMBERS):
-        words += phrase.split()
-    return list(dict.fromkeys(words))
+shapes_vocabulary = shapes.vocabulary  # the word-level tokenizer's vocabulary (kept name)
 
 
 @dataclass
@@ -118,6 +114,13 @@ class BaseRunConfig:
     # x0 weight clamp(SNR, snr_floor, gamma) (stages.snr_floor_weight): through step 10,400 it was 0,
     # which left the high-noise steps (layout: positions, relations) untrained
     snr_floor: float = 0.0
+    # timestep bias (diffusers' SDXL script's --timestep_bias_*; stages.timestep_bias_weights): "later"
+    # with portion 0.3, multiplier 3 gives t >= 700 56% of the draws instead of 30%, for the layout
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int | None = None
     unshuffle_factor: int = 4  # base UNet sees 48x16x16: attention at 16x16 cost ~8x a step at r=2 here
     bf16: bool = False  # CPU autocast pays only with AVX-512 BF16; on AVX2 it was 3x slower (measured)
     seed: int = 0
@@ -176,6 +179,12 @@ def batch_at(cfg: BaseRunConfig, dataset: shapes.ShapesDataset, step: int):
     return images, texts
 
 
+def timestep_bias(cfg) -> tuple:
+    """(strategy, multiplier, portion, begin, end) of a run config, for stages.timestep_bias_weights."""
+    return (cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
+            cfg.timestep_bias_begin, cfg.timestep_bias_end)  # fmt: skip
+
+
 def loss_fn(cfg, model, tok, scheduler, images, texts, gen: torch.Generator):
     """x0-prediction loss with min-SNR weights on a batch. Returns a scalar."""
     b = images.shape[0]
@@ -183,7 +192,8 @@ def loss_fn(cfg, model, tok, scheduler, images, texts, gen: torch.Generator):
     texts = ["" if d else t for d, t in zip(drop.tolist(), texts)]
     ids = tok(texts, padding="max_length", max_length=cfg.max_length, truncation=True, return_tensors="pt")
     x0 = pixel_unshuffle(images, cfg.unshuffle_factor)  # (B, 12, 32, 32)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen)
+    n_t = scheduler.config.num_train_timesteps
+    t = sample_timesteps(b, n_t, gen, timestep_bias_weights(n_t, *timestep_bias(cfg)))
     noise = torch.randn(x0.shape, generator=gen)
     xt = scheduler.add_noise(x0, noise, t)
     ac = scheduler.alphas_cumprod[t]
@@ -359,6 +369,7 @@ def train_base(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | No
     """Train the base + T5 for ``minutes`` wall minutes (or ``max_steps``), checkpointing under ``cache``;
     with no checkpoint there, start from the exported pipeline ``warm_start`` (if given)."""
     _check_eval_sampler(cfg.eval_sampler)  # before training: a bad value must not stop the run at its first evaluation
+    check_timestep_bias(*timestep_bias(cfg))
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     say = _logger(log_file or cache / "train.log")
@@ -650,6 +661,10 @@ def export_sr_checkpoint(cache: Path, base_dir: Path, out_dir: Path, checkpoint:
 # pipeline directory: clip (contrastive, no pretrained CLIP knows shapes) -> prior -> sr ->
 # decoder. Budgets are optimizer steps; a run continues the first unfinished stage from its
 # newest checkpoint, in chunks of ``chunk`` steps so a wall-clock budget can stop it cleanly.
+# The layout phase's caption mixture (sixth session; the stream's default is uniform over the
+# kinds): positions and relations are what both families still draw at chance.
+LAYOUT_MIXTURE = {"single": 0.1, "position": 0.35, "two_objects": 0.1, "relation": 0.3, "counting": 0.15}
+
 DALLE2_PLAN: tuple[dict, ...] = (
     dict(stage="clip", max_steps=600, batch_size=64, lr=5e-4),
     dict(stage="prior", max_steps=2000, batch_size=32, lr=5e-4),
@@ -667,7 +682,12 @@ DALLE2_PLAN: tuple[dict, ...] = (
     # snr_floor 1 (stages.snr_floor_weight) from the fifth session's restart (step 9,300 onwards;
     # the steps before had 0, plain min-SNR): min-SNR alone left the high-noise steps, where the
     # layout is decided, with ~zero loss weight -- positions at chance in both families.
-    dict(stage="decoder", max_steps=16000, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4}, snr_floor=1.0),
+    # The layout phase from step 11,700 (sixth session): lr 2e-4, timesteps biased to high noise
+    # ("later": the noisiest 30% drawn 3x as often, 56% of the draws at t >= 700) and more
+    # position/relation captions -- the signal the regular mixture diluted (model card).
+    dict(stage="decoder", max_steps=16000, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4, 11700: 2e-4}, snr_floor=1.0,
+         timestep_bias_strategy="later", timestep_bias_multiplier=3.0, timestep_bias_portion=0.3,
+         shapes_mixture=LAYOUT_MIXTURE),
 )
 
 

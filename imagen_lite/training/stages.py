@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from .. import sampling
+from .config import check_timestep_bias
 
 logger = logging.getLogger("imagen_lite.train")
 
@@ -65,9 +66,50 @@ def snr_floor_weight(snr: torch.Tensor, gamma: float, floor: float = 0.0) -> tor
     return snr.clamp(max=gamma).clamp(min=min(floor, gamma))
 
 
+def timestep_bias_weights(num_train_timesteps: int, strategy: str = "none", multiplier: float = 1.0,
+                          portion: float = 0.25, begin: int = 0, end: int | None = None) -> torch.Tensor | None:  # fmt: skip
+    """Relative sampling weights (T,) of the training timesteps, or None for uniform. The options
+    are those of diffusers' SDXL training script (``--timestep_bias_*``): "later" multiplies the
+    weight of the last ``portion`` of the timesteps (the noisiest) by ``multiplier``, "earlier"
+    the first ``portion``, "range" the timesteps in ``[begin, end)``.
+
+    Why (issue #10, sixth session): the x0 prediction from pure noise decides a sample's layout.
+    With uniform t only 10% of the draws fall in t >= 900; "later" gives those steps the share
+    a caption's position word needs to move them."""
+    check_timestep_bias(strategy, multiplier, portion, begin, end, num_train_timesteps)
+    if strategy == "none" or multiplier == 1:
+        return None
+    weights = torch.ones(num_train_timesteps, dtype=torch.float64)
+    k = max(1, int(round(portion * num_train_timesteps)))
+    span = {"later": slice(num_train_timesteps - k, None), "earlier": slice(0, k),
+            "range": slice(begin, num_train_timesteps if end is None else end)}[strategy]  # fmt: skip
+    weights[span] *= multiplier
+    if float(weights.sum()) == 0:
+        raise ValueError(f"timestep_bias_multiplier=0 over every timestep ({strategy!r}, portion {portion}) leaves none to train")
+    return weights
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """(B,) int64 training timesteps: uniform on [0, T) or drawn from ``weights`` (T,)."""
+    if weights is None:
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    return torch.multinomial(weights[:num_train_timesteps], batch, replacement=True, generator=generator)
+
+
+def loss_weighting(cfg, scheduler) -> dict:
+    """``diffusion_loss``'s ``snr_floor`` and ``t_weights`` from a TrainConfig."""
+    weights = timestep_bias_weights(scheduler.config.num_train_timesteps, cfg.timestep_bias_strategy,
+                                    cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
+                                    cfg.timestep_bias_begin, cfg.timestep_bias_end)  # fmt: skip
+    return {"snr_floor": cfg.snr_floor, "t_weights": weights}
+
+
 def diffusion_loss(model_fn, x0: torch.Tensor, scheduler, generator: torch.Generator,
-                   min_snr_gamma: float | None = None, t_max: int | None = None, snr_floor: float = 0.0) -> torch.Tensor:  # fmt: skip
-    """The denoising loss on clean samples ``x0`` (B, ...): draw t ~ U[0, t_max) and noise,
+                   min_snr_gamma: float | None = None, t_max: int | None = None, snr_floor: float = 0.0,
+                   t_weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The denoising loss on clean samples ``x0`` (B, ...): draw t ~ U[0, t_max) (or from
+    ``t_weights``, :func:`timestep_bias_weights`) and noise,
     form ``x_t = q_sample(x0, t)``, predict with ``model_fn(x_t, t)`` and regress the
     scheduler's ``prediction_type`` target (epsilon, sample or v). Extra output channels (a
     learned variance) are ignored. With ``min_snr_gamma`` each sample is weighted by min-SNR
@@ -75,7 +117,7 @@ def diffusion_loss(model_fn, x0: torch.Tensor, scheduler, generator: torch.Gener
     raised to ``snr_floor`` where SNR is below it (``snr_floor_weight``)."""
     b, device = x0.shape[0], x0.device
     n_t = scheduler.config.num_train_timesteps if t_max is None else t_max
-    t = torch.randint(0, n_t, (b,), generator=generator).to(device)
+    t = sample_timesteps(b, n_t, generator, t_weights).to(device)
     noise = torch.randn(x0.shape, generator=generator).to(device=device, dtype=x0.dtype)
     x_t = scheduler.add_noise(x0, noise, t)
     prediction = model_fn(x_t, t)[:, : x0.shape[1]]
@@ -267,7 +309,7 @@ class ImagenBase(Stage):
             x_t = sampling.append_coordinates(x_t, coords)
             return unet(x_t, t, encoder_hidden_states=states.to(x_t.dtype), return_dict=False)[0]
 
-        return diffusion_loss(model_fn, x0, ctx.scheduler, generator, cfg.min_snr_gamma, snr_floor=cfg.snr_floor)
+        return diffusion_loss(model_fn, x0, ctx.scheduler, generator, cfg.min_snr_gamma, **loss_weighting(cfg, ctx.scheduler))
 
     def validation_stages(self, pipe):
         return 1
@@ -318,7 +360,7 @@ class ImagenSR(Stage):
             model_input = torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
             return unet(model_input, t, encoder_hidden_states=states, class_labels=level, return_dict=False)[0]
 
-        return diffusion_loss(model_fn, x0, ctx.scheduler, generator, cfg.min_snr_gamma, snr_floor=cfg.snr_floor)
+        return diffusion_loss(model_fn, x0, ctx.scheduler, generator, cfg.min_snr_gamma, **loss_weighting(cfg, ctx.scheduler))
 
     def validation_stages(self, pipe):
         return 2
@@ -392,7 +434,7 @@ class DallePrior(Stage):
             return prior(z_t, timestep=t, proj_embedding=text_embeds.to(z_t.dtype), encoder_hidden_states=states.to(z_t.dtype),
                          attention_mask=mask).predicted_image_embedding  # fmt: skip
 
-        return diffusion_loss(model_fn, z0, ctx.scheduler, generator, cfg.min_snr_gamma, snr_floor=cfg.snr_floor)
+        return diffusion_loss(model_fn, z0, ctx.scheduler, generator, cfg.min_snr_gamma, **loss_weighting(cfg, ctx.scheduler))
 
     def validation_stages(self, pipe):
         return 2
@@ -434,7 +476,7 @@ class DalleDecoder(Stage):
             return decoder(x_t, t, encoder_hidden_states=context, class_labels=time_embeddings, attention_mask=mask,
                            return_dict=False)[0]  # fmt: skip
 
-        return diffusion_loss(model_fn, x0, ctx.scheduler, generator, cfg.min_snr_gamma, snr_floor=cfg.snr_floor)
+        return diffusion_loss(model_fn, x0, ctx.scheduler, generator, cfg.min_snr_gamma, **loss_weighting(cfg, ctx.scheduler))
 
     def validation_stages(self, pipe):
         return 2
@@ -476,7 +518,7 @@ class DalleSR(Stage):
             def model_fn(x_t, t, unet=unet):
                 return unet(torch.cat([x_t, upscaled.to(x_t.dtype)], dim=1), t, return_dict=False)[0]
 
-            losses.append(diffusion_loss(model_fn, high, ctx.scheduler, generator, cfg.min_snr_gamma, t_max, cfg.snr_floor))
+            losses.append(diffusion_loss(model_fn, high, ctx.scheduler, generator, cfg.min_snr_gamma, t_max, **loss_weighting(cfg, ctx.scheduler)))
         return sum(losses)
 
     def validation_stages(self, pipe):
