@@ -114,8 +114,9 @@ class BaseRunConfig:
     # x0 weight clamp(SNR, snr_floor, gamma) (stages.snr_floor_weight): through step 10,400 it was 0,
     # which left the high-noise steps (layout: positions, relations) untrained
     snr_floor: float = 0.0
-    # timestep bias (diffusers' SDXL script's --timestep_bias_*; stages.timestep_bias_weights): "later"
-    # with portion 0.3, multiplier 3 gives t >= 700 56% of the draws instead of 30%, for the layout
+    # timestep bias (diffusers' SDXL script's --timestep_bias_*; stages.timestep_bias_weights). The
+    # sixth session's layout phase (from step 12,800) set "later", portion 0.2, multiplier 10: 71% of
+    # the draws at t >= 800 instead of 20%, where a sample's layout is decided
     timestep_bias_strategy: str = "none"
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
@@ -663,7 +664,7 @@ def export_sr_checkpoint(cache: Path, base_dir: Path, out_dir: Path, checkpoint:
 # newest checkpoint, in chunks of ``chunk`` steps so a wall-clock budget can stop it cleanly.
 # The layout phase's caption mixture (sixth session; the stream's default is uniform over the
 # kinds): positions and relations are what both families still draw at chance.
-LAYOUT_MIXTURE = {"single": 0.1, "position": 0.35, "two_objects": 0.1, "relation": 0.3, "counting": 0.15}
+LAYOUT_MIXTURE = {"single": 0.1, "position": 0.4, "two_objects": 0.1, "relation": 0.25, "counting": 0.15}
 
 DALLE2_PLAN: tuple[dict, ...] = (
     dict(stage="clip", max_steps=600, batch_size=64, lr=5e-4),
@@ -682,11 +683,12 @@ DALLE2_PLAN: tuple[dict, ...] = (
     # snr_floor 1 (stages.snr_floor_weight) from the fifth session's restart (step 9,300 onwards;
     # the steps before had 0, plain min-SNR): min-SNR alone left the high-noise steps, where the
     # layout is decided, with ~zero loss weight -- positions at chance in both families.
-    # The layout phase from step 11,700 (sixth session): lr 2e-4, timesteps biased to high noise
-    # ("later": the noisiest 30% drawn 3x as often, 56% of the draws at t >= 700) and more
-    # position/relation captions -- the signal the regular mixture diluted (model card).
+    # The layout phase (sixth session): lr 2e-4 from step 11,700, timesteps biased to high noise
+    # and more position/relation captions -- the signal the regular mixture diluted (model card).
+    # 11,700-11,900: "later" 0.3 x 3 (56% of the draws at t >= 700); from 11,900: "later" 0.2 x 10
+    # (71% at t >= 800, 36% at t >= 900 instead of 10%).
     dict(stage="decoder", max_steps=16000, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4, 11700: 2e-4}, snr_floor=1.0,
-         timestep_bias_strategy="later", timestep_bias_multiplier=3.0, timestep_bias_portion=0.3,
+         timestep_bias_strategy="later", timestep_bias_multiplier=10.0, timestep_bias_portion=0.2,
          shapes_mixture=LAYOUT_MIXTURE),
 )
 
