@@ -282,10 +282,18 @@ def test_probe_layout_prints_a_row_per_timestep_and_prompt(tmp_path, capsys):
     probe = runpy.run_path(str(imagen_lite.__path__[0] + "/../scripts/probe_layout.py"))
     probe["main"]([str(tmp_path / "pipe"), "--checkpoint", str(list_checkpoints(tmp_path / "run")[-1]),
                    "--timesteps", "999,500", "--draws", "2"])  # fmt: skip
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 999 ") or line.startswith("| 500 ")]
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith("| 999 ") or line.startswith("| 500 ")]
     assert len(rows) == 2 * len(probe["PROMPTS"])
     shares = json.loads(rows[0].split("|")[3])
     assert sum(shares) == pytest.approx(1.0, abs=0.02)
+    assert [line.split(":")[0] for line in out if line.startswith("t=")] == ["t=999", "t=500"]
+    # dx, dy: the left/right (top/bottom) gap of the ink between the position words
+    left, right = ([0.6, 0.3, 0.1], [0.3, 0.4, 0.3]), ([0.2, 0.3, 0.5], [0.3, 0.4, 0.3])
+    top, bottom = ([0.3, 0.4, 0.3], [0.7, 0.2, 0.1]), ([0.3, 0.4, 0.3], [0.1, 0.2, 0.7])
+    names = probe["PROMPTS"]
+    dx, dy = probe["position_gaps"](dict(zip(names[:4], (left, right, top, bottom))))
+    assert (dx, dy) == (pytest.approx(0.8), pytest.approx(1.2))
 
 
 def test_the_base_trainer_draws_timesteps_with_its_bias(tmp_path):
