@@ -115,8 +115,9 @@ class BaseRunConfig:
     # which left the high-noise steps (layout: positions, relations) untrained
     snr_floor: float = 0.0
     # timestep bias (diffusers' SDXL script's --timestep_bias_*; stages.timestep_bias_weights). The
-    # sixth session's layout phase (from step 12,800) set "later", portion 0.2, multiplier 10: 71% of
-    # the draws at t >= 800 instead of 20%, where a sample's layout is decided
+    # sixth session's layout phase (from step 12,800) used "later" 0.2 x 10 (71% of the draws at
+    # t >= 800, where a sample's layout is decided) to 14,600, then "range" [850, 1000) x 30 with
+    # position/relation captions only: positions appeared in the raw weights by 16,200 (model card)
     timestep_bias_strategy: str = "none"
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
