@@ -26,8 +26,8 @@ Pipeline config (saved in ``model_index.json``):
   and a y coordinate channel (:func:`imagen_lite.sampling.coordinate_grid`, CoordConv):
   convolutions and attention otherwise see absolute position only through the zero padding.
   Added (fifth session) because the embedded default's base ignores "on the left" / "at the
-  top"; the shipped base has none, and 3,600 steps with them did not yet teach it positions
-  (docs/model_card.md).
+  top"; the shipped base has none. The cache's base learned positions in a later layout phase
+  while ignoring these channels (docs/model_card.md).
 
 The denoising math is :func:`imagen_lite.sampling.denoise`, shared with the unCLIP family; this
 file reproduces diffusers' ``IFPipeline`` + ``IFSuperResolutionPipeline`` draw for draw, which

@@ -36,6 +36,13 @@ def check_timestep_bias(strategy: str, multiplier: float, portion: float, begin:
                          f"{num_train_timesteps} (end None: {num_train_timesteps})")  # fmt: skip
 
 
+def timestep_bias_args(cfg) -> tuple:
+    """(strategy, multiplier, portion, begin, end) of a run config with the ``timestep_bias_*``
+    fields (TrainConfig, the default trainer's BaseRunConfig)."""
+    return (cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
+            cfg.timestep_bias_begin, cfg.timestep_bias_end)  # fmt: skip
+
+
 SCRATCH_PRESETS = ("tiny", "small")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -155,8 +162,7 @@ class TrainConfig:
             raise ValueError(f"min_snr_gamma={self.min_snr_gamma!r} must be > 0, or None for plain MSE")
         if isinstance(self.snr_floor, bool) or not isinstance(self.snr_floor, (int, float)) or self.snr_floor < 0:
             raise ValueError(f"snr_floor={self.snr_floor!r} must be a number >= 0 (0: plain min-SNR)")
-        check_timestep_bias(self.timestep_bias_strategy, self.timestep_bias_multiplier, self.timestep_bias_portion,
-                            self.timestep_bias_begin, self.timestep_bias_end)  # fmt: skip
+        check_timestep_bias(*timestep_bias_args(self))
         if self.shapes_mixture is not None and self.data != "shapes":
             raise ValueError(f"shapes_mixture={self.shapes_mixture!r} is for data 'shapes' (got data={self.data!r})")
         if float(self.lr) <= 0:

@@ -46,7 +46,7 @@ from ..models import components as C
 from .. import sampling
 from ..sampling import pixel_unshuffle, upsample
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .config import check_timestep_bias
+from .config import check_timestep_bias, timestep_bias_args
 from .stages import sample_timesteps, snr_floor_weight, timestep_bias_weights
 
 logger = logging.getLogger("imagen_lite.train")
@@ -144,8 +144,9 @@ class BaseRunConfig:
     eval_prompts: int = 40
     eval_sampler: str = "ddpm"  # the shipped base sampler; the curve up to step 7,400 used "ddim"
     # 2: x/y coordinate channels after the noisy image (CoordConv; ImagenPipeline's coord_channels).
-    # The base ignores position words (chance accuracy); the cache run has had them since step 9,200,
-    # without a change in positions yet. A run with 2 may warm-start from weights without them
+    # The cache run has had them since step 9,200; the trained base ignores them (zeroing them moves
+    # its x0 prediction by 0.1%), and positions came from the layout phase, not from them (sixth
+    # session, model card). A run with 2 may warm-start from weights without them
     # (components.grow_input_channels).
     coord_channels: int = 0
 
@@ -181,12 +182,6 @@ def batch_at(cfg: BaseRunConfig, dataset: shapes.ShapesDataset, step: int):
     return images, texts
 
 
-def timestep_bias(cfg) -> tuple:
-    """(strategy, multiplier, portion, begin, end) of a run config, for stages.timestep_bias_weights."""
-    return (cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
-            cfg.timestep_bias_begin, cfg.timestep_bias_end)  # fmt: skip
-
-
 def loss_fn(cfg, model, tok, scheduler, images, texts, gen: torch.Generator):
     """x0-prediction loss with min-SNR weights on a batch. Returns a scalar."""
     b = images.shape[0]
@@ -195,7 +190,7 @@ def loss_fn(cfg, model, tok, scheduler, images, texts, gen: torch.Generator):
     ids = tok(texts, padding="max_length", max_length=cfg.max_length, truncation=True, return_tensors="pt")
     x0 = pixel_unshuffle(images, cfg.unshuffle_factor)  # (B, 12, 32, 32)
     n_t = scheduler.config.num_train_timesteps
-    t = sample_timesteps(b, n_t, gen, timestep_bias_weights(n_t, *timestep_bias(cfg)))
+    t = sample_timesteps(b, n_t, gen, timestep_bias_weights(n_t, *timestep_bias_args(cfg)))
     noise = torch.randn(x0.shape, generator=gen)
     xt = scheduler.add_noise(x0, noise, t)
     ac = scheduler.alphas_cumprod[t]
@@ -371,7 +366,7 @@ def train_base(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | No
     """Train the base + T5 for ``minutes`` wall minutes (or ``max_steps``), checkpointing under ``cache``;
     with no checkpoint there, start from the exported pipeline ``warm_start`` (if given)."""
     _check_eval_sampler(cfg.eval_sampler)  # before training: a bad value must not stop the run at its first evaluation
-    check_timestep_bias(*timestep_bias(cfg))
+    check_timestep_bias(*timestep_bias_args(cfg))
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     say = _logger(log_file or cache / "train.log")

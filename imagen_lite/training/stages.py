@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from .. import sampling
-from .config import check_timestep_bias
+from .config import check_timestep_bias, timestep_bias_args
 
 logger = logging.getLogger("imagen_lite.train")
 
@@ -99,9 +99,7 @@ def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Gene
 
 def loss_weighting(cfg, scheduler) -> dict:
     """``diffusion_loss``'s ``snr_floor`` and ``t_weights`` from a TrainConfig."""
-    weights = timestep_bias_weights(scheduler.config.num_train_timesteps, cfg.timestep_bias_strategy,
-                                    cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
-                                    cfg.timestep_bias_begin, cfg.timestep_bias_end)  # fmt: skip
+    weights = timestep_bias_weights(scheduler.config.num_train_timesteps, *timestep_bias_args(cfg))
     return {"snr_floor": cfg.snr_floor, "t_weights": weights}
 
 
