@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -61,11 +62,13 @@ def snr_floor_weight(snr: torch.Tensor, gamma: float, floor: float = 0.0) -> tor
     x0 error by ~SNR at high noise: 0.02 at t=900 of a 1,000-step cosine schedule, 0 at 999,
     against 5 at low noise. Those are the steps where a sample's layout is decided; the embedded
     default, trained with ~zero weight there, predicts the same x0 from noise for "on the left"
-    and "on the right" (issue #10, fifth session; 2,400 steps at floor 1 have not changed that
-    yet). floor 1 gives every step with SNR < 1 (t > ~500) weight 1."""
+    and "on the right" (issue #10, fifth session; 2,400 steps at floor 1 did not change that, a
+    timestep bias did: :func:`timestep_bias_weights`). floor 1 gives every step with SNR < 1
+    (t > ~500) weight 1."""
     return snr.clamp(max=gamma).clamp(min=min(floor, gamma))
 
 
+@functools.lru_cache(maxsize=8)  # called every training step with the run's fixed settings
 def timestep_bias_weights(num_train_timesteps: int, strategy: str = "none", multiplier: float = 1.0,
                           portion: float = 0.25, begin: int = 0, end: int | None = None) -> torch.Tensor | None:  # fmt: skip
     """Relative sampling weights (T,) of the training timesteps, or None for uniform. The options
@@ -75,7 +78,8 @@ def timestep_bias_weights(num_train_timesteps: int, strategy: str = "none", mult
 
     Why (issue #10, sixth session): the x0 prediction from pure noise decides a sample's layout.
     With uniform t only 10% of the draws fall in t >= 900; "later" gives those steps the share
-    a caption's position word needs to move them."""
+    a caption's position word needs to move them. The tensor is cached per setting: read it, do
+    not change it."""
     check_timestep_bias(strategy, multiplier, portion, begin, end, num_train_timesteps)
     if strategy == "none" or multiplier == 1:
         return None
