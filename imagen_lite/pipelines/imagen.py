@@ -25,9 +25,9 @@ Pipeline config (saved in ``model_index.json``):
 - ``coord_channels``: 0 (IF) or 2: the base UNet's input carries, after the noisy image, an x
   and a y coordinate channel (:func:`imagen_lite.sampling.coordinate_grid`, CoordConv):
   convolutions and attention otherwise see absolute position only through the zero padding.
-  Added (fifth session) because the embedded default's base ignores "on the left" / "at the
-  top"; the shipped base has none. The cache's base learned positions in a later layout phase
-  while ignoring these channels (docs/model_card.md).
+  Added (fifth session) because the embedded default's base ignored "on the left" / "at the
+  top". The shipped base (step 19,263, seventh session) has them, but learned positions in a
+  later layout phase while ignoring these channels (docs/model_card.md).
 
 The denoising math is :func:`imagen_lite.sampling.denoise`, shared with the unCLIP family; this
 file reproduces diffusers' ``IFPipeline`` + ``IFSuperResolutionPipeline`` draw for draw, which
