@@ -142,6 +142,7 @@ def _dir_preset(path: Path, pipeline: str, fallback: presets.Preset) -> presets.
         tuple(d.get("num_inference_steps", fallback.num_inference_steps)),
         tuple(d.get("guidance_scale", fallback.guidance_scale)),
         int(d.get("noise_level", fallback.noise_level)),
+        sr_strength=float(d.get("sr_strength", fallback.sr_strength)),
         extra={"scheduler": d.get("scheduler")},
     )  # fmt: skip
 
@@ -246,7 +247,8 @@ def generate(
         scheduler: swap the denoising scheduler by name (see ``sampling.SCHEDULERS``).
         offload: model CPU offload (each component on the GPU only while it runs) -- for
             large presets such as ``if-xl`` on GPUs under ~24 GB.
-        **kwargs: passed to the pipeline call (``noise_level``, ``image_embeds`` for dalle2...).
+        **kwargs: passed to the pipeline call (``noise_level``, ``sr_strength`` for imagen;
+            ``image_embeds`` for dalle2...); imagen's two default to the model's own.
     """
     # 1. Check inputs before loading anything
     presets.check_pipeline(pipeline)
@@ -261,6 +263,11 @@ def generate(
         if value is not None:
             n = len(value) if isinstance(value, (list, tuple)) else 1
             per_stage(value, [f"stage {i}" for i in range(max(n, 1))], name, kind=kind)
+    if pipeline != "imagen":
+        for name in ("noise_level", "sr_strength"):
+            if name in kwargs:
+                raise ValueError(f"{name}={kwargs[name]!r} applies to pipeline='imagen' only (its SR stages); "
+                                 f"pipeline={pipeline!r} takes no {name}")  # fmt: skip
     dev = runtime.resolve_device(device)
     dt = runtime.resolve_dtype(dtype, dev)
     auto = device in (None, "auto")
@@ -277,6 +284,7 @@ def generate(
         call = dict(kwargs)
         if pipeline == "imagen":
             call.setdefault("noise_level", preset.noise_level)
+            call.setdefault("sr_strength", preset.sr_strength)
         gen_device = "cpu" if d.type == "mps" else d
         generator = torch.Generator(gen_device).manual_seed(seed) if seed is not None else None
         out = pipe(

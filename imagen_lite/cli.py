@@ -50,6 +50,7 @@ def cmd_generate(args) -> int:
         device=args.device,
         dtype=args.dtype,
         scheduler=args.scheduler,
+        **({} if args.sr_strength is None else {"sr_strength": args.sr_strength}),
     )
     out = Path(args.out)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(len(images))]
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="swap the denoising scheduler")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--sr-strength", type=float, default=None,
+                   help="imagen: where the SR stages start, in (0, 1]; 1 = from pure noise (default: the model's)")
     g.add_argument("--n", type=int, default=1, help="images per prompt")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")

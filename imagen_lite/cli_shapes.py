@@ -72,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_ints_or_int, default=None, help="num_inference_steps, one or per stage: 25 or 25,10")
     p.add_argument("--guidance", type=_floats_or_float, default=None, help="guidance_scale, one or per stage")
     p.add_argument("--scheduler", default=None, help="swap the scheduler: ddpm, ddim, dpm++, unipc, ...")
+    p.add_argument("--sr-strength", type=float, default=None,
+                   help="imagen: where the SR stages start, in (0, 1]; 1 = from pure noise (default: the model's)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", default="auto", help="'auto', 'float32', 'float16', 'bfloat16'")
     p.add_argument("--out", default="shapes_eval.json", help="where to write the JSON result")
@@ -106,6 +108,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             scheduler=args.scheduler,
+            **({} if args.sr_strength is None else {"sr_strength": args.sr_strength}),
         )
 
     seeds = tuple(range(args.seeds))
@@ -123,6 +126,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
         "scheduler": args.scheduler,
+        "sr_strength": args.sr_strength,
         "device": args.device,
         "dtype": args.dtype,
         "seeds": list(seeds),

@@ -45,6 +45,7 @@ class Preset:
     num_inference_steps: tuple  # per stage
     guidance_scale: tuple  # per stage
     noise_level: int = 250  # SR noise-conditioning augmentation (IF: 250)
+    sr_strength: float = 1.0  # where the SR stages start (img2img strength; IF: 1, from pure noise)
     variant: str | None = None  # weight file variant on the hub ("fp16" for IF)
     note: str = ""
     extra: dict = field(default_factory=dict)

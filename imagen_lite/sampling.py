@@ -173,6 +173,18 @@ def denoise(
     return sample
 
 
+def strength_timesteps(scheduler, num_inference_steps: int, strength: float) -> torch.Tensor:
+    """The tail of ``scheduler.timesteps`` that an img2img start at ``strength`` runs, as
+    diffusers' img2img pipelines pick it: the last ``int(num_inference_steps * strength)``
+    steps (times the scheduler's ``order``). ``set_timesteps`` must have been called; the
+    scheduler's begin index is moved to the first of them."""
+    run = min(int(num_inference_steps * strength), num_inference_steps)
+    begin = max(num_inference_steps - run, 0) * getattr(scheduler, "order", 1)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    return scheduler.timesteps[begin:]
+
+
 def scheduler_step_kwargs(scheduler, generator=None, eta: float = 0.0) -> dict:
     """The ``generator``/``eta`` keywords that this scheduler's ``step`` accepts (as diffusers'
     ``prepare_extra_step_kwargs`` does)."""

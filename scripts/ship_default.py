@@ -91,12 +91,15 @@ def main(argv=None):
     p.add_argument("--guidance", required=True, help="per stage, comma-separated")
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--noise-level", type=int, default=100)
+    p.add_argument("--sr-strength", type=float, default=1.0, help="imagen: img2img start of the SR stage, (0, 1]")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--defaults-only", action="store_true",
                    help="rewrite only the shipped directory's generation defaults (weights untouched)")
     args = p.parse_args(argv)
     defaults = {"num_inference_steps": numbers(args.steps, int), "guidance_scale": numbers(args.guidance, float),
                 "scheduler": args.scheduler, "noise_level": args.noise_level}  # fmt: skip
+    if args.family == "imagen":
+        defaults["sr_strength"] = args.sr_strength
     preset = presets.DEFAULT_IMAGEN if args.family == "imagen" else presets.DEFAULT_DALLE2
     out = Path(preset.components["dir"])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -205,7 +205,8 @@ def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weig
     ship = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ship_default.py"), run_name="ship")
     shipped = tmp_path / "imagen"
     monkeypatch.setattr(presets, "DEFAULT_IMAGEN", dataclasses.replace(presets.DEFAULT_IMAGEN, components={"dir": str(shipped)}))
-    argv = ["--family", "imagen", "--steps", "25,10", "--guidance", "2,1", "--scheduler", "ddpm", "--defaults-only"]
+    argv = ["--family", "imagen", "--steps", "25,10", "--guidance", "2,1", "--scheduler", "ddpm", "--sr-strength", "0.5",
+            "--defaults-only"]
     with pytest.raises(SystemExit, match="nothing shipped"):
         ship["main"](argv)
     (shipped / "unet").mkdir(parents=True)
@@ -213,7 +214,8 @@ def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weig
     (shipped / presets.DEFAULTS_FILE).write_text(json.dumps({"guidance_scale": [1.0, 1.0]}))
     ship["main"](argv)
     assert json.loads((shipped / presets.DEFAULTS_FILE).read_text()) == {
-        "num_inference_steps": [25, 10], "guidance_scale": [2.0, 1.0], "scheduler": "ddpm", "noise_level": 100}  # fmt: skip
+        "num_inference_steps": [25, 10], "guidance_scale": [2.0, 1.0], "scheduler": "ddpm", "noise_level": 100,
+        "sr_strength": 0.5}  # fmt: skip
     assert (shipped / "unet" / "weights.bin").read_bytes() == b"weights"
 
 

@@ -98,6 +98,69 @@ def test_encode_once_then_free_text_encoder():
         pipe("a red circle", **kw)
 
 
+def _count_calls(module):
+    """A forward pre-hook that records the timestep of every call of ``module``."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args, kwargs: seen.append(int(args[1])), with_kwargs=True)
+    return seen, handle
+
+
+def test_sr_strength_runs_the_tail_of_the_sr_schedule():
+    """sr_strength < 1 (img2img, as diffusers' strength): the SR stage runs the last
+    int(steps * strength) of its timesteps; 1 runs them all (IF's path)."""
+    pipe = _quiet(build_tiny_imagen())
+    pipe.sr_scheduler.set_timesteps(4)
+    full = [int(t) for t in pipe.sr_scheduler.timesteps]
+    kw = dict(num_inference_steps=(2, 4), guidance_scale=1.0, output_type="pt")
+    seen, handle = _count_calls(pipe.sr_unet)
+    try:
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw)
+        assert seen == full
+        seen.clear()
+        pipe("a red circle", sr_strength=0.5, generator=torch.Generator().manual_seed(0), **kw)
+        assert seen == full[2:]
+    finally:
+        handle.remove()
+
+
+def test_low_sr_strength_keeps_the_upsampled_base_image():
+    """Started at the last timestep, the SR output is the bilinear upsample of the base image
+    (almost no noise is added and one step removes it); from pure noise it is not."""
+    from imagen_lite import sampling
+
+    pipe = _quiet(build_tiny_imagen())
+    kw = dict(num_inference_steps=(2, 10), guidance_scale=1.0, output_type="pt", return_stage_outputs=True)
+    low = pipe("a red circle", sr_strength=0.1, generator=torch.Generator().manual_seed(0), **kw)
+    full = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw)
+    base = low.stage_images["base"]
+    assert torch.equal(base, full.stage_images["base"])
+    up = sampling.upsample(base, low.images.shape[-1])  # "pt" outputs stay in [-1, 1]
+    assert (low.images - up).abs().mean().item() < 0.02
+    assert (full.images - up).abs().mean().item() > 0.1
+
+
+def test_generate_takes_sr_strength_from_the_model_dir(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    from imagen_lite import presets
+
+    model = tmp_path / "with_defaults"
+    shutil.copytree(tiny_dir, model)
+    (model / presets.DEFAULTS_FILE).write_text(json.dumps({"num_inference_steps": [2, 4], "sr_strength": 0.5}))
+    pipe = imagen_lite.load_pipeline(model=str(model), device="cpu")
+    assert pipe.imagen_lite_preset.sr_strength == 0.5
+    seen, handle = _count_calls(pipe.sr_unet)
+    try:
+        imagen_lite.generate("a red circle", model=str(model), device="cpu", seed=0)
+        assert len(seen) == 2
+        seen.clear()
+        imagen_lite.generate("a red circle", model=str(model), device="cpu", seed=0, sr_strength=1.0)
+        assert len(seen) == 4
+    finally:
+        handle.remove()
+
+
 # ---------------------------------------------------------------- generate() contract
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -252,6 +315,11 @@ def test_half_precision_nan_reruns_stage_in_float32():
         (dict(num_inference_steps=(2,), size=32), ValueError, "gives 1 value.*runs 2 stage"),
         (dict(seed="1"), ValueError, "seed='1' must be an integer"),
         (dict(scheduler="magic"), ValueError, "scheduler='magic' is not known"),
+        (dict(sr_strength=0), ValueError, r"sr_strength=0 must be a number in \(0, 1\]"),
+        (dict(sr_strength=1.5), ValueError, r"sr_strength=1.5 must be a number in \(0, 1\]"),
+        (dict(sr_strength="0.5"), ValueError, "sr_strength='0.5' must be a number"),
+        (dict(sr_strength=0.2), ValueError, r"sr_strength=0.2 leaves no step of the 2 sr_32 steps.*>= 0.5"),
+        (dict(pipeline="dalle2", sr_strength=0.5), ValueError, "sr_strength=0.5 applies to pipeline='imagen' only"),
     ],
 )
 def test_bad_input_is_named(tiny_dir, kwargs, exc, match):

@@ -51,7 +51,7 @@ __all__ = ["compare", "ComparisonReport", "ClipScorer", "clip_layout", "resolve_
 
 # Generation settings compare() passes to a pipeline: given as keywords they apply to every
 # pipeline; inside a per-pipeline dict (``dalle2={...}``) to that one only.
-GENERATION_KWARGS = ("num_inference_steps", "guidance_scale", "negative_prompt", "scheduler", "noise_level", "offload")
+GENERATION_KWARGS = ("num_inference_steps", "guidance_scale", "negative_prompt", "scheduler", "noise_level", "sr_strength", "offload")
 
 
 # ---------------------------------------------------------------------- input checks
@@ -726,6 +726,7 @@ def compare(
         guidance = per_stage(guidance, stages, "guidance_scale", kind="guidance")
         if pipeline == "imagen":
             s.setdefault("noise_level", preset.noise_level)
+            s.setdefault("sr_strength", preset.sr_strength)
         gen_device = "cpu" if dev.type == "mps" else dev
         progress_config = dict(getattr(pipe, "_progress_bar_config", {}) or {})
         pipe.set_progress_bar_config(disable=True)

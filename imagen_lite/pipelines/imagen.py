@@ -149,6 +149,7 @@ class ImagenPipeline(DiffusionPipeline):
         num_inference_steps=(100, 50, 50),
         guidance_scale=(7.0, 4.0, 4.0),
         noise_level: int = 250,
+        sr_strength: float = 1.0,
         num_stages: int | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
@@ -167,6 +168,12 @@ class ImagenPipeline(DiffusionPipeline):
             num_inference_steps / guidance_scale: one value or one per stage, in stage order
                 (base, sr_256, sr_1024). Guidance > 1 turns on classifier-free guidance.
             noise_level: noise-conditioning augmentation timestep for the SR stages (IF: 250).
+            sr_strength: in (0, 1]; where each SR stage starts, as ``strength`` in diffusers'
+                img2img pipelines (``IFImg2ImgSuperResolutionPipeline``). 1 (IF, the default):
+                from pure noise. Below 1: from the bilinear upsample of the stage below,
+                noised to the timestep that leaves ``int(steps * sr_strength)`` of the stage's
+                steps to run, so the SR keeps the low-res layout and only sharpens it (and
+                costs that fraction of its steps).
             num_stages: run only the first N stages (default: all).
             generator: a seeded ``torch.Generator``; all noise is drawn from it in order.
             output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
@@ -191,6 +198,14 @@ class ImagenPipeline(DiffusionPipeline):
         max_level = self.image_noising_scheduler.config.num_train_timesteps if self.image_noising_scheduler else 1000
         if len(stages) > 1 and not 0 <= int(noise_level) < max_level:
             raise ValueError(f"noise_level={noise_level!r} must be in [0, {max_level})")
+        if isinstance(sr_strength, bool) or not isinstance(sr_strength, (int, float)) or not 0.0 < sr_strength <= 1.0:
+            raise ValueError(f"sr_strength={sr_strength!r} must be a number in (0, 1]")
+        for k, name in enumerate(stages[1:], start=1):
+            if int(steps[k] * sr_strength) < 1:
+                raise ValueError(
+                    f"sr_strength={sr_strength!r} leaves no step of the {steps[k]} {name} steps to run; "
+                    f"use sr_strength >= {1 / steps[k]:.3g} or more steps"
+                )
         device = self._execution_device
         any_cfg = any(g > 1.0 for g in guidance)
         seconds: dict[str, float] = {}
@@ -267,8 +282,14 @@ class ImagenPipeline(DiffusionPipeline):
                 side = unet.config.sample_size
                 channels = unet.config.in_channels // 2
                 x = randn_tensor((n, channels, side, side), generator=generator, device=device, dtype=unet.dtype)
-                x = x * scheduler.init_noise_sigma
                 upscaled = sampling.upsample(low_res.to(device=device, dtype=unet.dtype), side * s)
+                timesteps = scheduler.timesteps
+                if sr_strength < 1.0:  # img2img: start from the upsample, noised (same draw as x)
+                    timesteps = sampling.strength_timesteps(scheduler, steps[k], sr_strength)
+                    start = sampling.pixel_unshuffle(upscaled, s)
+                    x = scheduler.add_noise(start, x, timesteps[:1].repeat(n))
+                else:
+                    x = x * scheduler.init_noise_sigma
                 level = torch.tensor([int(noise_level)] * n, device=device)
                 noise = randn_tensor(upscaled.shape, generator=generator, device=device, dtype=upscaled.dtype)
                 upscaled = sampling.noise_augment(upscaled, noise, level, self.image_noising_scheduler)
@@ -279,9 +300,9 @@ class ImagenPipeline(DiffusionPipeline):
                 def model_fn(model_input, t, i):
                     return unet(model_input, t, encoder_hidden_states=context, class_labels=labels, return_dict=False)[0]
 
-                with self.progress_bar(total=steps[k]) as bar, reuse_constant_inputs(unet):
+                with self.progress_bar(total=len(timesteps)) as bar, reuse_constant_inputs(unet):
                     x = sampling.denoise(
-                        model_fn, scheduler, x, scheduler.timesteps,
+                        model_fn, scheduler, x, timesteps,
                         guidance_scale=guidance[k], do_classifier_free_guidance=cfg, cond_image=upscaled,
                         step_kwargs=sampling.scheduler_step_kwargs(scheduler, generator),
                         progress_bar=bar, callback=callback,
