@@ -86,6 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latency-size", type=_positive_int, default=256, help="output px (default 256)")
     g.add_argument("--latency-model", action="append", default=[], metavar="FAMILY=DIR",
                    help="time this pipeline directory instead of the family's embedded default")  # fmt: skip
+    g.add_argument("--latency-sr-strength", type=float, nargs="+", default=[], metavar="S",
+                   help="add Imagen rows at these SR strengths, timed side by side with the defaults")
     g.add_argument("--latency-families", nargs="+", default=["imagen", "dalle2"], choices=("imagen", "dalle2"))
     g = p.add_argument_group("gpu")
     g.add_argument("--gpu-steps", type=_positive_int, default=10)
@@ -216,7 +218,8 @@ def latency_section(args) -> list[dict]:
             raise ValueError(f"--latency-model {item!r} is not FAMILY=DIR with FAMILY imagen or dalle2")
         models[family] = directory
     _log(f"[latency] {args.latency_size} px: {models} ...")
-    return B.bench_latency(models, size=args.latency_size, rounds=args.rounds, warmup=args.warmup)
+    return B.bench_latency(models, size=args.latency_size, rounds=args.rounds, warmup=args.warmup,
+                           imagen_sr_strengths=args.latency_sr_strength)
 
 
 def run(args, unclip_reference: Callable | tuple | None | str = "checkout", out=None) -> dict:

@@ -240,7 +240,13 @@ def test_bench_latency_times_generate_with_the_models_defaults(tiny_dir, capsys)
     assert row["family"] == "imagen" and row["model"] == str(tiny_dir) and row["px"] == 32
     assert row["steps"].startswith("2") and row["guidance"].startswith("2")  # from imagen_lite_defaults.json
     assert row["wall_min"] <= row["wall_s"] <= row["wall_max"] and row["rounds"] == 1
+    assert row["sr_strength"] == "1 (model's)"
     assert "## Latency" in capsys.readouterr().out
+    args = build_parser().parse_args(["--sections", "latency", "--latency-families", "imagen", "--latency-model",
+                                      f"imagen={tiny_dir}", "--latency-size", "32", "--latency-sr-strength", "0.5",
+                                      *FAST])  # fmt: skip
+    rows = run(args, unclip_reference=None)["latency"]
+    assert [r["sr_strength"] for r in rows] == ["1 (model's)", "0.5"] and all(r["wall_s"] > 0 for r in rows)
     with pytest.raises(ValueError, match="FAMILY=DIR"):
         run(build_parser().parse_args(["--sections", "latency", "--latency-model", "sd=x", *FAST]), unclip_reference=None)
 

@@ -656,41 +656,54 @@ def bench_quality(
 
 LATENCY_COLUMNS = [
     ("family", "family"), ("model", "model"), ("px", "px"), ("steps", "steps per stage"), ("guidance", "guidance"),
-    ("wall_s", "wall s (median)"), ("wall_min", "min"), ("wall_max", "max"), ("cpu_s", "CPU s"), ("rounds", "rounds"),
+    ("sr_strength", "SR strength"), ("wall_s", "wall s (median)"), ("wall_min", "min"), ("wall_max", "max"), ("cpu_s", "CPU s"), ("rounds", "rounds"),
     ("target", "<= 5 s"),
 ]  # fmt: skip
 
 
 def bench_latency(models: dict[str, str | None], size: int = 256, rounds: int = 5, warmup: int = 1,
-                  prompt: str = "a red circle above a blue square", target_s: float = 5.0) -> list[dict]:
+                  prompt: str = "a red circle above a blue square", target_s: float = 5.0,
+                  imagen_sr_strengths=()) -> list[dict]:
     """Wall seconds of one ``generate()`` (one image, float32, CPU) per family at ``size`` px with
     each model's own generation defaults -- issue #10's "a 256 px image in <= 5 s" figure.
 
     ``models`` maps a family ("imagen"/"dalle2") to a pipeline directory, or None for the
-    embedded default. The families run interleaved, each call with a new seed; loading (and the
-    warm-up call) are outside the timing."""
+    embedded default. ``imagen_sr_strengths`` adds one Imagen row per SR strength given (the
+    same model, ``generate(..., sr_strength=s)``), timed in the same interleaved rounds, so
+    their ratios are side by side. The rows run interleaved, each call with a new seed;
+    loading (and the warm-up call) are outside the timing."""
     from ..api import generate, load_pipeline
 
+    strengths = [float(s) for s in imagen_sr_strengths]
+    if strengths and "imagen" not in models:
+        raise ValueError(f"imagen_sr_strengths={tuple(imagen_sr_strengths)!r} needs the imagen family in models")
+    variants = [(family, family, {}) for family in models]
+    variants += [(f"imagen sr_strength={s:g}", "imagen", {"sr_strength": s}) for s in strengths]
     pipes, calls = {}, {}
-    for family, model in models.items():
+    for key, family, kwargs in variants:
+        model = models[family]
         pipes[family] = load_pipeline(family, model=model, device="cpu", dtype=torch.float32)
         seed = iter(range(10**6))
 
-        def call(family=family, model=model, seed=seed):
+        def call(family=family, model=model, seed=seed, kwargs=kwargs):
             start, cpu = time.perf_counter(), time.process_time()
-            generate(prompt, pipeline=family, model=model, size=size, seed=next(seed), device="cpu", dtype=torch.float32)
+            generate(prompt, pipeline=family, model=model, size=size, seed=next(seed), device="cpu", dtype=torch.float32,
+                     **kwargs)  # fmt: skip
             return {"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}
 
-        calls[family] = call
+        calls[key] = call
     runs = interleaved(calls, rounds=rounds, warmup=warmup)
     rows = []
-    for family, measured in runs.items():
+    for key, family, kwargs in variants:
+        measured = runs[key]
         preset = pipes[family].imagen_lite_preset
         walls = [m["wall"] for m in measured]
         wall = median(walls)
+        sr = kwargs.get("sr_strength", preset.sr_strength) if family == "imagen" else None
         rows.append({
             "family": family, "model": models[family] or "embedded default", "px": size,
             "steps": ",".join(str(k) for k in preset.num_inference_steps), "guidance": ",".join(f"{g:g}" for g in preset.guidance_scale),
+            "sr_strength": "--" if sr is None else f"{sr:g}" + ("" if kwargs else " (model's)"),
             "wall_s": wall, "wall_min": min(walls), "wall_max": max(walls), "cpu_s": median(m["cpu"] for m in measured),
             "rounds": len(measured), "target": "yes" if wall <= target_s else "no",
         })  # fmt: skip
