@@ -219,6 +219,16 @@ def test_per_pipeline_settings_and_policy(dirs, models):
     assert "set per pipeline" in r.config["step_policy"]
 
 
+def test_imagen_sr_strength_is_passed_and_reported(models):
+    r = compare("a red circle", models=models, seeds=(0,), size=None, device="cpu", clip=None, progress=False,
+                imagen={"num_inference_steps": 2, "sr_strength": 0.5}, dalle2={"num_inference_steps": 2})  # fmt: skip
+    assert r.summary["imagen"]["sr_strength"] == 0.5 and r.summary["dalle2"]["sr_strength"] is None
+    assert "| SR strength (img2img start) | 0.5 | - |" in r.markdown()
+    got = imagen_lite.generate("a red circle", model=models["imagen"], seed=0, num_inference_steps=2, sr_strength=0.5,
+                               device="cpu")  # fmt: skip
+    assert np.array_equal(np.asarray(got[0]), np.asarray(r.images[("imagen", 0, 0)]))
+
+
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "args, kwargs, match",

@@ -448,6 +448,8 @@ class ComparisonReport:
         row("stages", lambda s: s["stages"])
         row("steps", lambda s: " / ".join(str(v) for v in s["steps"].values()))
         row("guidance", lambda s: " / ".join(str(v) for v in s["guidance"].values()))
+        if any(self.summary[p].get("sr_strength") is not None for p in cols):
+            row("SR strength (img2img start)", lambda s: "-" if s.get("sr_strength") is None else s["sr_strength"])
         row("median s / image", lambda s: s["median_seconds_per_image"])
         row("peak memory (MB)", lambda s: s["peak_memory_mb"])
         if self.shapes.get("applies"):
@@ -764,6 +766,7 @@ def compare(
             "size": images[(pipeline, 0, seeds[0])].size[0],
             "steps": dict(zip(stages, steps)),
             "guidance": dict(zip(stages, guidance)),
+            "sr_strength": s.get("sr_strength") if pipeline == "imagen" and n_stages > 1 else None,
             "load_seconds": _r(load_seconds, 4),
             "median_seconds_per_image": _r(statistics.median(seconds), 4),
             "median_stage_seconds": {k: _r(statistics.median(v), 4) for k, v in stage_seconds.items()},
