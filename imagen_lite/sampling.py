@@ -15,6 +15,8 @@ made of as small functions that can be tested on random tensors without any mode
   Diffusion Models"; Imagen sec. 2.5): the low-res image is noised to ``noise_level`` with a
   DDPM forward process before it conditions a super-resolution stage.
 - :func:`upsample` -- the bilinear upsampling IF's stage II uses for its conditioning image.
+- :func:`strength_timesteps` -- the tail of a schedule that an img2img start at ``strength``
+  runs, as diffusers' img2img pipelines pick it (the Imagen SR's ``sr_strength``).
 - :func:`pixel_unshuffle` / :func:`pixel_shuffle` -- space-to-depth for stages whose UNet runs
   on ``r x r`` patches (the embedded default's 64px base runs on 12x32x32).
 
