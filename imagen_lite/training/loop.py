@@ -322,7 +322,7 @@ def train(cfg: TrainConfig) -> Path:
         if accelerator.is_main_process:
             # run_seconds: wall time of this call up to the checkpoint, so a caller that adds up
             # hours per call (the DALL-E 2 default) can count a call killed after checkpointing
-            extra = {"micro_step": micro, "run_seconds": round(time.monotonic() - started, 1)}
+            extra = {"micro_step": micro, "run_seconds": round(time.monotonic() - started, 3)}
             save_checkpoint(ckpt_root, step, accelerator.unwrap_model(model), optimizer, lr_scheduler, ema,
                             extra=extra, config=json.loads(cfg.to_json()),
                             keep=cfg.keep_checkpoints, trainable_only=bool(lora_configs))  # fmt: skip
