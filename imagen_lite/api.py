@@ -216,6 +216,21 @@ def _load_placed(pipeline, model, device, dtype, offload, scheduler=None, lora=N
     return pipe
 
 
+IMAGEN_ONLY_KWARGS = ("noise_level", "sr_strength")
+"""Pipeline-call keywords of the Imagen family's SR stages; the unCLIP family has no such knobs."""
+
+
+def check_family_kwargs(pipeline: str, kwargs: dict) -> None:
+    """Name an Imagen-only keyword given to another family, before anything loads (the unCLIP
+    pipeline would otherwise fail deep inside with a TypeError)."""
+    if pipeline == "imagen":
+        return
+    for name in IMAGEN_ONLY_KWARGS:
+        if name in kwargs:
+            raise ValueError(f"{name}={kwargs[name]!r} applies to pipeline='imagen' only (its SR stages); "
+                             f"pipeline={pipeline!r} takes no {name}")  # fmt: skip
+
+
 def generate(
     prompt,
     pipeline: str = "imagen",
@@ -263,11 +278,7 @@ def generate(
         if value is not None:
             n = len(value) if isinstance(value, (list, tuple)) else 1
             per_stage(value, [f"stage {i}" for i in range(max(n, 1))], name, kind=kind)
-    if pipeline != "imagen":
-        for name in ("noise_level", "sr_strength"):
-            if name in kwargs:
-                raise ValueError(f"{name}={kwargs[name]!r} applies to pipeline='imagen' only (its SR stages); "
-                                 f"pipeline={pipeline!r} takes no {name}")  # fmt: skip
+    check_family_kwargs(pipeline, kwargs)
     dev = runtime.resolve_device(device)
     dt = runtime.resolve_dtype(dtype, dev)
     auto = device in (None, "auto")

@@ -227,6 +227,12 @@ def test_imagen_sr_strength_is_passed_and_reported(models):
     got = imagen_lite.generate("a red circle", model=models["imagen"], seed=0, num_inference_steps=2, sr_strength=0.5,
                                device="cpu")  # fmt: skip
     assert np.array_equal(np.asarray(got[0]), np.asarray(r.images[("imagen", 0, 0)]))
+    # given for every pipeline, the Imagen SR's settings reach imagen only; for dalle2 they are named
+    both = compare("a red circle", models=models, seeds=(0,), size=None, device="cpu", clip=None, progress=False,
+                   num_inference_steps=2, sr_strength=0.5, noise_level=50)  # fmt: skip
+    assert both.summary["imagen"]["sr_strength"] == 0.5 and both.summary["dalle2"]["sr_strength"] is None
+    with pytest.raises(ValueError, match="sr_strength=0.5 applies to pipeline='imagen' only"):
+        compare("a red circle", models=models, device="cpu", clip=None, progress=False, dalle2={"sr_strength": 0.5})
 
 
 # ---------------------------------------------------------------------- bad input

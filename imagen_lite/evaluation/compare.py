@@ -122,7 +122,11 @@ def _check_models(models, pipelines: list[str]) -> dict:
 
 def _split_kwargs(kwargs: dict, pipelines: list[str]) -> dict:
     """``**per_pipeline_kwargs`` -> {pipeline: generation kwargs}: plain keywords apply to every
-    pipeline, ``imagen={...}`` / ``dalle2={...}`` to that one (and win)."""
+    pipeline, ``imagen={...}`` / ``dalle2={...}`` to that one (and win). The Imagen SR's
+    ``noise_level`` / ``sr_strength`` given as plain keywords apply to imagen only; inside
+    ``dalle2={...}`` they are an error."""
+    from .. import api
+
     common, own = {}, {p: {} for p in pipelines}
     for key, value in kwargs.items():
         if key in PIPELINES:
@@ -133,6 +137,7 @@ def _split_kwargs(kwargs: dict, pipelines: list[str]) -> dict:
             bad = set(value) - set(GENERATION_KWARGS)
             if bad:
                 raise ValueError(f"{key}= has unknown settings {sorted(bad)}; allowed: {GENERATION_KWARGS}")
+            api.check_family_kwargs(key, value)
             own[key] = dict(value)
         elif key in GENERATION_KWARGS:
             common[key] = value
@@ -141,7 +146,10 @@ def _split_kwargs(kwargs: dict, pipelines: list[str]) -> dict:
                 f"compare() got an unknown keyword {key!r}; generation settings are {GENERATION_KWARGS}, given for "
                 f"every pipeline or inside {'/'.join(PIPELINES)}={{...}} for one"
             )
-    return {p: {**common, **own[p]} for p in pipelines}
+    return {
+        p: {**{k: v for k, v in common.items() if p == "imagen" or k not in api.IMAGEN_ONLY_KWARGS}, **own[p]}
+        for p in pipelines
+    }
 
 
 def _step_policy(settings: dict) -> str:
