@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Copy the embedded default's current weights from the training cache into the package.
 
-    python scripts/ship_default.py --family imagen --guidance 2,1 --steps 25,10 --scheduler ddpm
-    python scripts/ship_default.py --family dalle2 --guidance 1,3,1 --steps 25,25,3 --scheduler ddpm
-    python scripts/ship_default.py --family imagen --guidance 2,1 --steps 25,10 --scheduler ddpm --defaults-only
+    python scripts/ship_default.py --family imagen --guidance 2,1 --steps 25,10 --scheduler ddpm --sr-strength 0.5
+    python scripts/ship_default.py --family dalle2 --guidance 2,2,1 --steps 25,25,3 --scheduler ddpm
+    python scripts/ship_default.py --family imagen --guidance 2,1 --steps 25,10 --scheduler ddpm --sr-strength 0.5 --defaults-only
 
 imagen: the newest base checkpoint's EMA (``train_default/imagen-base``) + the newest SR
 checkpoint's EMA (``train_default/imagen-sr``) -> ``imagen_lite/weights/imagen``.
@@ -91,7 +91,8 @@ def main(argv=None):
     p.add_argument("--guidance", required=True, help="per stage, comma-separated")
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--noise-level", type=int, default=100)
-    p.add_argument("--sr-strength", type=float, default=1.0, help="imagen: img2img start of the SR stage, (0, 1]")
+    p.add_argument("--sr-strength", type=float, default=None,
+                   help="imagen: img2img start of the SR stage, (0, 1] (default 1: from pure noise)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--defaults-only", action="store_true",
                    help="rewrite only the shipped directory's generation defaults (weights untouched)")
@@ -99,7 +100,9 @@ def main(argv=None):
     defaults = {"num_inference_steps": numbers(args.steps, int), "guidance_scale": numbers(args.guidance, float),
                 "scheduler": args.scheduler, "noise_level": args.noise_level}  # fmt: skip
     if args.family == "imagen":
-        defaults["sr_strength"] = args.sr_strength
+        defaults["sr_strength"] = 1.0 if args.sr_strength is None else args.sr_strength
+    elif args.sr_strength is not None:
+        p.error(f"--sr-strength {args.sr_strength} applies to --family imagen only (the DALL-E 2 SR has no such start)")
     preset = presets.DEFAULT_IMAGEN if args.family == "imagen" else presets.DEFAULT_DALLE2
     out = Path(preset.components["dir"])
     out.parent.mkdir(parents=True, exist_ok=True)

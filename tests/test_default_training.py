@@ -195,7 +195,7 @@ def test_a_new_machine_warm_starts_from_exported_weights(tmp_path):
                         warm_start=tmp_path / "shipped")["step"] == 1  # fmt: skip
 
 
-def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weights(tmp_path, monkeypatch):
+def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weights(tmp_path, monkeypatch, capsys):
     import dataclasses
     import runpy
     from pathlib import Path
@@ -217,6 +217,11 @@ def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weig
         "num_inference_steps": [25, 10], "guidance_scale": [2.0, 1.0], "scheduler": "ddpm", "noise_level": 100,
         "sr_strength": 0.5}  # fmt: skip
     assert (shipped / "unet" / "weights.bin").read_bytes() == b"weights"
+    monkeypatch.setattr(presets, "DEFAULT_DALLE2", dataclasses.replace(presets.DEFAULT_DALLE2, components={"dir": str(tmp_path / "dalle2")}))
+    with pytest.raises(SystemExit) as exit_info:  # argparse's error: the DALL-E 2 SR has no img2img start
+        ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--sr-strength", "0.5",
+                      "--defaults-only"])  # fmt: skip
+    assert exit_info.value.code == 2 and "applies to --family imagen only" in capsys.readouterr().err
 
 
 def test_coordinate_channels_grow_from_weights_without_them(tmp_path):
