@@ -231,6 +231,14 @@ def check_family_kwargs(pipeline: str, kwargs: dict) -> None:
                              f"pipeline={pipeline!r} takes no {name}")  # fmt: skip
 
 
+def family_call_defaults(pipeline: str, preset: presets.Preset) -> dict:
+    """The pipeline-call keywords a model's preset fills in when the caller gives none: the
+    Imagen SR's :data:`IMAGEN_ONLY_KWARGS` from ``preset``; nothing for other families."""
+    if pipeline != "imagen":
+        return {}
+    return {"noise_level": preset.noise_level, "sr_strength": preset.sr_strength}
+
+
 def generate(
     prompt,
     pipeline: str = "imagen",
@@ -292,10 +300,7 @@ def generate(
         num_stages = pipe.num_stages_for_size(size)
         steps = preset.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = preset.guidance_scale if guidance_scale is None else guidance_scale
-        call = dict(kwargs)
-        if pipeline == "imagen":
-            call.setdefault("noise_level", preset.noise_level)
-            call.setdefault("sr_strength", preset.sr_strength)
+        call = {**family_call_defaults(pipeline, preset), **kwargs}
         gen_device = "cpu" if d.type == "mps" else d
         generator = torch.Generator(gen_device).manual_seed(seed) if seed is not None else None
         out = pipe(

@@ -734,9 +734,7 @@ def compare(
         if pipeline == "dalle2" and not isinstance(guidance, (list, tuple)):  # one value: prior and decoder; SR takes none
             guidance = (guidance, guidance) + (1.0,) * (n_stages - 2)
         guidance = per_stage(guidance, stages, "guidance_scale", kind="guidance")
-        if pipeline == "imagen":
-            s.setdefault("noise_level", preset.noise_level)
-            s.setdefault("sr_strength", preset.sr_strength)
+        s = {**api.family_call_defaults(pipeline, preset), **s}
         gen_device = "cpu" if dev.type == "mps" else dev
         progress_config = dict(getattr(pipe, "_progress_bar_config", {}) or {})
         pipe.set_progress_bar_config(disable=True)
