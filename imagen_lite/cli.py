@@ -34,6 +34,17 @@ def _floats_or_float(text: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def add_sr_strength_argument(parser) -> None:
+    """``--sr-strength`` for the commands that call ``generate()`` (generate, eval shapes)."""
+    parser.add_argument("--sr-strength", type=float, default=None,
+                        help="imagen: where the SR stages start, in (0, 1]; 1 = from pure noise (default: the model's)")
+
+
+def sr_strength_kwargs(args) -> dict:
+    """``{"sr_strength": X}`` when ``--sr-strength`` was given, else ``{}`` (the model's default)."""
+    return {} if args.sr_strength is None else {"sr_strength": args.sr_strength}
+
+
 def cmd_generate(args) -> int:
     from .api import generate
 
@@ -50,7 +61,7 @@ def cmd_generate(args) -> int:
         device=args.device,
         dtype=args.dtype,
         scheduler=args.scheduler,
-        **({} if args.sr_strength is None else {"sr_strength": args.sr_strength}),
+        **sr_strength_kwargs(args),
     )
     out = Path(args.out)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(len(images))]
@@ -84,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="swap the denoising scheduler")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--sr-strength", type=float, default=None,
-                   help="imagen: where the SR stages start, in (0, 1]; 1 = from pure noise (default: the model's)")
+    add_sr_strength_argument(g)
     g.add_argument("--n", type=int, default=1, help="images per prompt")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")

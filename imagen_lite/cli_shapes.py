@@ -67,13 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-prompts", type=_positive_int, default=100, help="prompt-set size (balanced over kinds)")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt set")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per generate() call")
-    from .cli import _floats_or_float, _ints_or_int
+    from .cli import _floats_or_float, _ints_or_int, add_sr_strength_argument
 
     p.add_argument("--steps", type=_ints_or_int, default=None, help="num_inference_steps, one or per stage: 25 or 25,10")
     p.add_argument("--guidance", type=_floats_or_float, default=None, help="guidance_scale, one or per stage")
     p.add_argument("--scheduler", default=None, help="swap the scheduler: ddpm, ddim, dpm++, unipc, ...")
-    p.add_argument("--sr-strength", type=float, default=None,
-                   help="imagen: where the SR stages start, in (0, 1]; 1 = from pure noise (default: the model's)")
+    add_sr_strength_argument(p)
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", default="auto", help="'auto', 'float32', 'float16', 'bfloat16'")
     p.add_argument("--out", default="shapes_eval.json", help="where to write the JSON result")
@@ -94,6 +93,7 @@ def data_shapes(args: argparse.Namespace) -> int:
 def eval_shapes(args: argparse.Namespace) -> int:
     """Handler of ``eval shapes``: generate, score, print the table, write JSON."""
     from .api import generate
+    from .cli import sr_strength_kwargs
     from .evaluation.shapes import evaluate, format_table
 
     def generate_fn(prompts: list[str], seed: int):
@@ -108,7 +108,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             scheduler=args.scheduler,
-            **({} if args.sr_strength is None else {"sr_strength": args.sr_strength}),
+            **sr_strength_kwargs(args),
         )
 
     seeds = tuple(range(args.seeds))
