@@ -27,6 +27,9 @@ from .sampling import SCHEDULERS, make_scheduler
 
 logger = logging.getLogger("imagen_lite")
 
+# the seeds torch.Generator.manual_seed takes
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 _CACHE: dict = {}
 
 
@@ -119,7 +122,7 @@ def _load(pipeline: str, model, torch_dtype) -> Loaded:
         cls = presets.pipeline_class_of(path)
         if cls == "IFPipeline":
             return Loaded(from_if_repos(str(path), [], torch_dtype=torch_dtype), presets.PRESETS["if-xl"], description)
-        pipe = ImagenPipeline.from_pretrained(path, torch_dtype=torch_dtype, use_safetensors=True)
+        pipe = ImagenPipeline.from_pretrained(path, **runtime.dtype_kwargs(torch_dtype), use_safetensors=True)
         preset = _dir_preset(path, pipeline, presets.DEFAULT_IMAGEN)
     else:
         from .pipelines.unclip import UnCLIPLitePipeline, from_karlo_repo
@@ -127,7 +130,7 @@ def _load(pipeline: str, model, torch_dtype) -> Loaded:
         path = presets.check_model_dir(model, ("UnCLIPLitePipeline", "UnCLIPPipeline"))
         if presets.pipeline_class_of(path) == "UnCLIPPipeline":
             return Loaded(from_karlo_repo(str(path), torch_dtype=torch_dtype), presets.PRESETS["karlo"], description)
-        pipe = UnCLIPLitePipeline.from_pretrained(path, torch_dtype=torch_dtype, use_safetensors=True)
+        pipe = UnCLIPLitePipeline.from_pretrained(path, **runtime.dtype_kwargs(torch_dtype), use_safetensors=True)
         preset = _dir_preset(path, pipeline, presets.DEFAULT_DALLE2)
     return Loaded(pipe, preset, description)
 
@@ -280,6 +283,10 @@ def generate(
         check_prompt(negative_prompt, "negative_prompt")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed={seed!r} must be an integer or None")
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        # torch.Generator.manual_seed's own range; outside it torch says only "Overflow when
+        # unpacking long long"
+        raise ValueError(f"seed={seed!r} is out of range; use an integer in [{SEED_MIN}, {SEED_MAX}]")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ValueError(f"size={size!r} must be a positive integer or None")
     for name, value, kind in (("num_inference_steps", num_inference_steps, "steps"), ("guidance_scale", guidance_scale, "guidance")):

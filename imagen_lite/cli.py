@@ -45,9 +45,33 @@ def sr_strength_kwargs(args) -> dict:
     return {} if args.sr_strength is None else {"sr_strength": args.sr_strength}
 
 
+def image_paths(out: str, n: int) -> list[Path]:
+    """Where ``generate`` writes ``n`` images for ``--out out``: ``out`` itself for one image,
+    ``<stem>_<i><suffix>`` for several; no extension means ``.png``. Checked before anything
+    is generated, so a bad path costs no sampling: a directory, or an extension Pillow cannot
+    write, is a ValueError naming it."""
+    from PIL import Image
+
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out!r} is a directory; give a file name such as {str(path / 'out.png')!r}")
+    suffix = path.suffix or ".png"
+    Image.init()
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if suffix.lower() not in writable:
+        raise ValueError(f"--out {out!r}: {suffix!r} is not an image format Pillow can write; "
+                         "use .png (or .jpg, .webp, .bmp, .tiff)")  # fmt: skip
+    if n == 1:
+        return [path.with_suffix(suffix)]
+    return [path.with_name(f"{path.stem}_{i}{suffix}") for i in range(n)]
+
+
 def cmd_generate(args) -> int:
     from .api import generate
 
+    if not isinstance(args.n, int) or args.n < 1:
+        raise ValueError(f"--n {args.n!r} must be a positive integer")
+    paths = image_paths(args.out, args.n)
     images = generate(
         args.prompt,
         pipeline=args.pipeline,
@@ -63,8 +87,6 @@ def cmd_generate(args) -> int:
         scheduler=args.scheduler,
         **sr_strength_kwargs(args),
     )
-    out = Path(args.out)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(len(images))]
     for path, image in zip(paths, images):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
@@ -99,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=1, help="images per prompt")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
-    g.add_argument("--out", default="out.png", help="output PNG (several images: out_0.png, out_1.png...)")
+    g.add_argument("--out", default="out.png", help="output image, .png unless another extension is given (several images: out_0.png, out_1.png...)")
     g.set_defaults(func=cmd_generate)
 
     from .cli_shapes import register as register_shapes

@@ -1,7 +1,8 @@
 """The one device / dtype / fallback policy.
 
 Only ``generate()``, ``load_pipeline()`` and the CLI call into this module; pipelines and
-components never move themselves. Decisions (and why):
+components never move themselves. (The loaders also take :func:`dtype_kwargs` from here: the
+name of the dtype keyword that the installed diffusers / transformers expect.) Decisions (and why):
 
 - ``device="auto"`` picks ``cuda`` -> ``mps`` -> ``cpu``, and logs the choice.
 - ``dtype="auto"`` is float16 on CUDA (what DeepFloyd IF and Karlo ship and run in) and
@@ -63,6 +64,31 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if kind == "mps" and not mps_available():
         raise ValueError(f"device={device!r} was requested but MPS is not available here; use 'cpu' or 'auto'")
     return torch.device(device)
+
+
+def dtype_kwargs(dtype, library: str = "diffusers") -> dict:
+    """The dtype keyword for ``from_pretrained`` of ``library`` (``"diffusers"`` or
+    ``"transformers"``): ``{"dtype": dtype}`` where the installed release takes that name, else
+    ``{"torch_dtype": dtype}``.
+
+    Both libraries renamed ``torch_dtype`` to ``dtype`` and warn (FutureWarning) on the old
+    name: transformers by 5.0, diffusers in huggingface/diffusers#14205 (2026). The releases
+    this package allows (diffusers >= 0.35, transformers >= 4.44) include ones that know only
+    ``torch_dtype``. transformers is told apart by its major version; diffusers by the helper
+    that PR added (``diffusers.utils.deprecation_utils._resolve_dtype``): were it renamed, the
+    fallback is the old keyword, which still loads (with the warning) until diffusers 1.0.
+    """
+    if library == "transformers":
+        import transformers
+
+        new = int(transformers.__version__.split(".")[0]) >= 5
+    elif library == "diffusers":
+        from diffusers.utils import deprecation_utils
+
+        new = hasattr(deprecation_utils, "_resolve_dtype")
+    else:
+        raise ValueError(f"library={library!r} is not known; use 'diffusers' or 'transformers'")
+    return {"dtype" if new else "torch_dtype": dtype}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -25,7 +25,7 @@ import argparse
 
 import torch
 
-from imagen_lite import sampling
+from imagen_lite import runtime, sampling
 from imagen_lite.pipelines.imagen import ImagenPipeline
 
 PROMPTS = ("a red circle on the left", "a red circle on the right", "a red circle at the top",
@@ -58,7 +58,7 @@ def main(argv=None):
     p.add_argument("--draws", type=int, default=32)
     args = p.parse_args(argv)
 
-    pipe = ImagenPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    pipe = ImagenPipeline.from_pretrained(args.model, **runtime.dtype_kwargs(torch.float32))
     if args.checkpoint:
         from safetensors.torch import load_file
 

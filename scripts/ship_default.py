@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from imagen_lite import presets
+from imagen_lite import presets, runtime
 from imagen_lite.training.default import (
     DALLE2_PLAN, DEFAULT_CACHE, dalle2_seed, dalle2_stage_config, dalle2_training_state, export_base_checkpoint, export_sr_checkpoint,
     write_training_state,
@@ -71,7 +71,7 @@ def ship_dalle2(cache: Path, out: Path, defaults: dict) -> Path:
     # a run whose max_steps is its checkpoint's step only writes the EMA pipeline into cfg.out
     train(cfg.replace(max_steps=step))
     src = Path(cfg.out)
-    pipe = UnCLIPLitePipeline.from_pretrained(src, torch_dtype=torch.float16, use_safetensors=True)
+    pipe = UnCLIPLitePipeline.from_pretrained(src, **runtime.dtype_kwargs(torch.float16), use_safetensors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
     pipe.save_pretrained(tmp, safe_serialization=True)
     from transformers import CLIPVisionModelWithProjection

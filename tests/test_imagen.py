@@ -314,6 +314,8 @@ def test_half_precision_nan_reruns_stage_in_float32():
         (dict(guidance_scale=-1.0), ValueError, "guidance_scale.*is -1.0; it must be a number >= 0"),
         (dict(num_inference_steps=(2,), size=32), ValueError, "gives 1 value.*runs 2 stage"),
         (dict(seed="1"), ValueError, "seed='1' must be an integer"),
+        (dict(seed=2**64), ValueError, r"seed=18446744073709551616 is out of range.*\[-9223372036854775808, 18446744073709551615\]"),
+        (dict(seed=-(2**63) - 1), ValueError, "seed=-9223372036854775809 is out of range"),
         (dict(scheduler="magic"), ValueError, "scheduler='magic' is not known"),
         (dict(sr_strength=0), ValueError, r"sr_strength=0 must be a number in \(0, 1\]"),
         (dict(sr_strength=1.5), ValueError, r"sr_strength=1.5 must be a number in \(0, 1\]"),
@@ -355,6 +357,43 @@ def test_cli_bad_input_exits_nonzero_without_traceback(tiny_dir, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "size=48 cannot be produced" in err and "Traceback" not in err
+
+
+def test_cli_checks_out_before_generating(tiny_dir, tmp_path, capsys, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("generate() ran before --out was checked")
+
+    monkeypatch.setattr(imagen_lite.api, "generate", must_not_run)
+    for out, message in ((tmp_path / "img.txt", "'.txt' is not an image format Pillow can write"),
+                         (tmp_path, "is a directory")):  # fmt: skip
+        code = main(["generate", "a red circle", "--model", tiny_dir, "--device", "cpu", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "img.txt").exists()
+
+
+def test_cli_out_without_extension_writes_png(tiny_dir, tmp_path, capsys):
+    code = main(["generate", "a red circle", "--model", tiny_dir, "--device", "cpu", "--steps", "2,2", "--seed", "0",
+                 "--size", "16", "--n", "2", "--out", str(tmp_path / "img")])  # fmt: skip
+    assert code == 0
+    for i in range(2):
+        with Image.open(tmp_path / f"img_{i}.png") as im:
+            assert im.format == "PNG" and im.size == (16, 16)
+    code = main(["generate", "a red circle", "--model", tiny_dir, "--device", "cpu", "--steps", "2,2", "--seed", "0",
+                 "--size", "16", "--out", str(tmp_path / "one.jpg")])  # fmt: skip
+    with Image.open(tmp_path / "one.jpg") as im:
+        assert code == 0 and im.format == "JPEG"
+
+
+def test_loading_a_saved_pipeline_raises_no_dtype_deprecation(tiny_dir):
+    imagen_lite.api.clear_cache()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*torch_dtype.*", category=FutureWarning)
+        imagen_lite.generate("a red circle", model=tiny_dir, device="cpu", num_inference_steps=2, size=16)
+    key = runtime.dtype_kwargs(torch.float16)
+    assert list(key.values()) == [torch.float16] and set(key) <= {"dtype", "torch_dtype"}
+    with pytest.raises(ValueError, match="library='jax' is not known"):
+        runtime.dtype_kwargs(torch.float16, "jax")
 
 
 def test_cli_help_lists_commands(capsys):

@@ -40,7 +40,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from .. import sampling
+from .. import runtime, sampling
 from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, run_finite, timed, tokenize
 from .speed import reuse_constant_inputs
 
@@ -330,7 +330,8 @@ def from_if_repos(base: str, sr: list[str] = (), *, variant: str | None = None, 
 
     if len(sr) > 2:
         raise ValueError(f"sr={list(sr)!r} names {len(sr)} super-resolution repos; at most 2 (256 and 1024)")
-    load = dict(use_safetensors=True, torch_dtype=torch_dtype)
+    load = dict(use_safetensors=True, **runtime.dtype_kwargs(torch_dtype))
+    text_load = dict(use_safetensors=True, **runtime.dtype_kwargs(torch_dtype, "transformers"))
 
     def unet(repo):
         try:
@@ -342,11 +343,11 @@ def from_if_repos(base: str, sr: list[str] = (), *, variant: str | None = None, 
 
     def t5(repo):
         try:
-            return T5EncoderModel.from_pretrained(repo, subfolder="text_encoder", variant=variant, **load)
+            return T5EncoderModel.from_pretrained(repo, subfolder="text_encoder", variant=variant, **text_load)
         except (OSError, ValueError):
             if variant is None:
                 raise
-            return T5EncoderModel.from_pretrained(repo, subfolder="text_encoder", **load)
+            return T5EncoderModel.from_pretrained(repo, subfolder="text_encoder", **text_load)
 
     parts = dict(
         tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer"),

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from .. import sampling
+from .. import runtime, sampling
 from ..models.text_proj import UnCLIPTextProjection
 from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, run_finite, timed, tokenize
 from .speed import reuse_constant_inputs
@@ -406,7 +406,6 @@ def from_karlo_repo(repo: str, *, torch_dtype=None) -> UnCLIPLitePipeline:
     here ``text_proj/`` loads into :class:`UnCLIPTextProjection`. Safetensors only; the SR
     components load when ``model_index.json`` lists them.
     """
-    import transformers
     from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -415,10 +414,8 @@ def from_karlo_repo(repo: str, *, torch_dtype=None) -> UnCLIPLitePipeline:
     missing = [k for k in ("prior", "decoder", "text_proj", "text_encoder", "tokenizer") if not (index.get(k) or [None])[0]]
     if missing:
         raise ValueError(f"{repo!r} has no {missing} in its model_index.json; is it a Karlo (UnCLIPPipeline) layout?")
-    load = dict(use_safetensors=True, torch_dtype=torch_dtype)
-    # transformers 5 renamed torch_dtype to dtype
-    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    text_load = {"use_safetensors": True, dtype_key: torch_dtype or torch.float32}
+    load = dict(use_safetensors=True, **runtime.dtype_kwargs(torch_dtype))
+    text_load = dict(use_safetensors=True, **runtime.dtype_kwargs(torch_dtype or torch.float32, "transformers"))
     parts = dict(
         tokenizer=CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer"),
         text_encoder=CLIPTextModelWithProjection.from_pretrained(repo, subfolder="text_encoder", **text_load),

@@ -43,7 +43,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..data import shapes
 from ..models import components as C
-from .. import sampling
+from .. import runtime, sampling
 from ..sampling import pixel_unshuffle, upsample
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .config import check_timestep_bias, timestep_bias_args
@@ -532,7 +532,7 @@ def train_sr(cfg: SRRunConfig, base_dir: Path, cache: Path, minutes: float, resu
     say = _logger(cache / "train.log")
 
     # 1. Build, freeze the text encoder
-    base = ImagenPipeline.from_pretrained(base_dir, torch_dtype=torch.float32)
+    base = ImagenPipeline.from_pretrained(base_dir, **runtime.dtype_kwargs(torch.float32))
     base.text_encoder.requires_grad_(False).eval()
     unet = build_sr(cfg, base.text_encoder.config.d_model).train()
     scheduler, noising = C.ddpm_scheduler(prediction_type="sample"), C.noising_scheduler()
@@ -579,7 +579,7 @@ def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict 
 
     from diffusers import DDIMScheduler
 
-    base = ImagenPipeline.from_pretrained(base_dir, torch_dtype=torch.float16)
+    base = ImagenPipeline.from_pretrained(base_dir, **runtime.dtype_kwargs(torch.float16))
     # DDIM for the SR stage, as its evaluation (evaluate_sr) samples it: 10 steps suffice
     sr_config = C.ddpm_scheduler(prediction_type="sample").config
     pipe = ImagenPipeline(
