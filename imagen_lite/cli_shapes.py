@@ -94,7 +94,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
     """Handler of ``eval shapes``: generate, score, print the table, write JSON."""
     from .api import generate
     from .cli import sr_strength_kwargs
-    from .evaluation.shapes import evaluate, format_table
+    from .evaluation.shapes import evaluate, format_failures, format_table
 
     def generate_fn(prompts: list[str], seed: int):
         return generate(
@@ -134,6 +134,8 @@ def eval_shapes(args: argparse.Namespace) -> int:
         "prompt_seed": args.prompt_seed,
     }
     print(format_table(result))
+    print("\nWhy images failed (imagen_lite.evaluation.shapes.failure_mode):")
+    print(format_failures(result))
     out = Path(args.out)
     if out.parent != Path("."):
         out.parent.mkdir(parents=True, exist_ok=True)

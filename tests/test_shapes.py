@@ -35,8 +35,11 @@ from imagen_lite.data.shapes import (
     write_imagefolder,
 )
 from imagen_lite.evaluation.shapes import (
+    FAILURE_MODES,
     detect_objects,
     evaluate,
+    failure_mode,
+    format_failures,
     format_table,
     label_components,
     score_image,
@@ -461,7 +464,8 @@ def test_evaluate_ground_truth_is_perfect_and_blank_is_zero():
     assert result["overall"] == 1.0 and result["n_images"] == 50
     assert result["per_category"] == {k: 1.0 for k in KINDS}
     assert len(result["records"]) == 50
-    assert set(result["records"][0]) == {"caption", "kind", "seed", "ok", "heldout"}
+    assert set(result["records"][0]) == {"caption", "kind", "seed", "ok", "heldout", "failure"}
+    assert all(r["failure"] is None for r in result["records"])
     held = [r for r in result["records"] if r["heldout"]]
     assert (result["heldout"] is None) == (not held)
     table = format_table(result)
@@ -537,3 +541,55 @@ def test_evaluate_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"n_prompts must be a positive int, got 0"):
         evaluate(blank, n_prompts=0)
     assert evaluate(blank, n_prompts=5, seeds=range(1))["n_images"] == 5
+
+
+# (shape, colour, cx, cy, d) of each drawn object, the caption it is scored against, and why it fails
+RED_CIRCLE_L, BLUE_SQUARE_R = ("circle", "red", 0.25, 0.5, 0.24), ("square", "blue", 0.75, 0.5, 0.24)
+FAILURE_CASES = [
+    ([RED_CIRCLE_L, BLUE_SQUARE_R], "a red circle and a blue square", None),
+    ([("circle", "blue", 0.25, 0.5, 0.24), ("square", "red", 0.75, 0.5, 0.24)], "a red circle and a blue square", "binding swapped"),
+    ([RED_CIRCLE_L, ("square", "green", 0.75, 0.5, 0.24)], "a red circle and a blue square", "colour wrong"),
+    ([RED_CIRCLE_L, ("circle", "blue", 0.75, 0.5, 0.24)], "a red circle and a blue square", "shape wrong"),
+    ([RED_CIRCLE_L, ("triangle", "green", 0.75, 0.5, 0.24)], "a red circle and a blue square", "colour and shape wrong"),
+    ([RED_CIRCLE_L], "a red circle and a blue square", "too few objects"),
+    ([RED_CIRCLE_L, BLUE_SQUARE_R, ("square", "blue", 0.5, 0.15, 0.16)], "a red circle and a blue square", "too many objects"),
+    ([RED_CIRCLE_L, BLUE_SQUARE_R], "a red circle to the right of a blue square", "relation wrong"),
+    ([RED_CIRCLE_L, BLUE_SQUARE_R], "a red circle to the left of a blue square", None),
+    ([("circle", "red", 0.8, 0.5, 0.24)], "a red circle on the left", "position wrong"),
+    ([("circle", "red", 0.5, 0.5, 0.16)], "a large red circle", "size wrong"),
+    ([("circle", "red", 0.2, 0.5, 0.16)], "a large red circle on the left", "size wrong"),
+    # size and position both wrong: the position is named (sizes are ignored only when that fixes it)
+    ([("circle", "red", 0.8, 0.5, 0.16)], "a large red circle on the left", "position wrong"),
+]
+
+
+@pytest.mark.parametrize("objects,caption,expected", FAILURE_CASES)
+def test_failure_mode_names_why_an_image_fails(objects, caption, expected):
+    parsed = parse_caption(caption)
+    image = render(Scene(caption, parsed.kind, [ShapeObject(*o) for o in objects]), 64)
+    detected = detect_objects(image)
+    assert len(detected) == len(objects)  # the scene drew what the case says
+    assert failure_mode(detected, parsed) == expected
+    assert score_image(image, caption) == (expected is None)
+
+
+def test_evaluate_records_and_tables_failures():
+    drawn = {caption: render(Scene(caption, parse_caption(caption).kind, [ShapeObject(*o) for o in objs]), 64)
+             for objs, caption, _ in FAILURE_CASES[:3]}  # fmt: skip
+
+    def one_image(prompts, seed):
+        return [Image.fromarray(drawn["a red circle and a blue square"]) if "and" in p else Image.new("RGB", (64, 64), "white")
+                for p in prompts]  # fmt: skip
+
+    result = evaluate(one_image, n_prompts=25, seeds=(0,), mixture={"two_objects": 1.0})
+    failures = {r["failure"] for r in result["records"]}
+    assert failures <= set(FAILURE_MODES)
+    table = format_failures(result)
+    n = len(result["records"])
+    right = sum(r["ok"] for r in result["records"])
+    assert f"| two_objects | {n} | {right} |" in table
+    # every prompt drew the same red-circle-and-blue-square image: right for that caption, a
+    # mode for the others, and the table's counts add up
+    row = [line for line in table.splitlines() if line.startswith("| two_objects")][0]
+    cells = [int(c) for c in row.strip("|").split("|")[1:]]
+    assert cells[0] == cells[1] + sum(cells[2:])

@@ -11,7 +11,7 @@ Pure numpy: connected components are labelled with a run-length union-find, no s
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -37,8 +37,11 @@ __all__ = [
     "label_components",
     "match_caption",
     "score_image",
+    "FAILURE_MODES",
+    "failure_mode",
     "evaluate",
     "format_table",
+    "format_failures",
 ]
 
 _PALETTE_NAMES = list(COLORS)
@@ -253,6 +256,54 @@ def match_caption(objects: list[DetectedObject], parsed: ParsedCaption) -> bool:
     return False
 
 
+# Why an image fails its caption, first match wins (see :func:`failure_mode`).
+FAILURE_MODES = (
+    "too few objects",
+    "too many objects",
+    "binding swapped",
+    "colour wrong",
+    "shape wrong",
+    "colour and shape wrong",
+    "size wrong",
+    "position wrong",
+    "relation wrong",
+)
+
+
+def failure_mode(objects: list[DetectedObject], parsed: ParsedCaption) -> str | None:
+    """Why ``objects`` do not match ``parsed`` (None when they do), one of :data:`FAILURE_MODES`.
+
+    In order: the object count; then, with the right count, whether the detected
+    (colour, shape) pairs are the named ones -- if not, "binding swapped" when the colours and
+    the shapes are each right but paired wrongly ("a red circle and a blue square" drawn as a
+    blue circle and a red square), else which of colour / shape is off; with the right pairs,
+    "size wrong" when the caption holds once sizes are ignored, else "relation wrong" for a
+    relation caption and "position wrong" for the rest. A diagnostic for training curves and
+    model cards; accuracy stays :func:`match_caption`'s.
+    """
+    if match_caption(objects, parsed):
+        return None
+    named = parsed.objects
+    if len(objects) != len(named):
+        return "too few objects" if len(objects) < len(named) else "too many objects"
+    got = sorted((o.color, o.shape) for o in objects)
+    want = sorted((o.color, o.shape) for o in named)
+    if got != want:
+        colours = sorted(o.color for o in objects) == sorted(o.color for o in named)
+        shapes = sorted(o.shape for o in objects) == sorted(o.shape for o in named)
+        if colours and shapes:
+            return "binding swapped"
+        if shapes:
+            return "colour wrong"
+        if colours:
+            return "shape wrong"
+        return "colour and shape wrong"
+    unsized = replace(parsed, objects=tuple(replace(o, size=None) for o in named))
+    if match_caption(objects, unsized):
+        return "size wrong"
+    return "relation wrong" if parsed.relation is not None else "position wrong"
+
+
 def score_image(image, caption: str) -> bool:
     """Whether ``image`` satisfies ``caption`` under the spec's scoring rules.
 
@@ -301,7 +352,8 @@ def evaluate(
 
     Returns:
         ``{"overall", "per_category": {kind: accuracy}, "heldout", "seen", "n_images",
-        "records": [{"caption", "kind", "seed", "ok", "heldout"}]}``; ``"heldout"`` and
+        "records": [{"caption", "kind", "seed", "ok", "heldout", "failure"}]}`` (``failure``:
+        :func:`failure_mode`, None for a right image); ``"heldout"`` and
         ``"seen"`` are the same summary (``overall``, ``per_category``, ``n_images``) over
         held-out / other prompts, ``None`` when there are none.
     """
@@ -328,13 +380,15 @@ def evaluate(
                     f"generate_fn returned {len(images)} images for {len(captions)} prompts (seed {seed})"
                 )
             for (caption, kind), image in zip(batch, images):
+                failure = failure_mode(detect_objects(image), parse_caption(caption))
                 records.append(
                     {
                         "caption": caption,
                         "kind": kind,
                         "seed": seed,
-                        "ok": bool(score_image(image, caption)),
+                        "ok": failure is None,
                         "heldout": heldout[caption],
+                        "failure": failure,
                     }
                 )
     held = [r for r in records if r["heldout"]]
@@ -359,4 +413,18 @@ def format_table(result: dict) -> str:
         if part:
             label = "held-out compositions" if name == "heldout" else "seen compositions"
             lines.append(f"| {label} | {100 * part['overall']:.1f}% | {part['n_images']} |")
+    return "\n".join(lines)
+
+
+def format_failures(result: dict) -> str:
+    """Markdown table of why images failed, per category (counts of :data:`FAILURE_MODES`,
+    only the modes that occur), from :func:`evaluate`'s records."""
+    records = result.get("records", [])
+    modes = [m for m in FAILURE_MODES if any(r.get("failure") == m for r in records)]
+    lines = ["| category | images | right | " + " | ".join(modes) + " |", "|---|" + "---:|" * (len(modes) + 2)]
+    for kind in result["per_category"]:
+        rows = [r for r in records if r["kind"] == kind]
+        counts = [sum(1 for r in rows if r.get("failure") == m) for m in modes]
+        right = sum(1 for r in rows if r["ok"])
+        lines.append(f"| {kind} | {len(rows)} | {right} | " + " | ".join(str(c) for c in counts) + " |")
     return "\n".join(lines)
