@@ -76,6 +76,8 @@ def test_in_training_curve_samples_with_the_configured_sampler(tmp_path):
     curve = [json.loads(line) for line in (tmp_path / "run" / "curve.jsonl").read_text().splitlines()]
     assert [(c["step"], c["guidance"], c["sampler"]) for c in curve] == [(2, 1.0, "ddpm"), (2, 2.0, "ddpm")]
     assert all(0.0 <= c["overall"] <= 1.0 for c in curve)
+    # why the wrong images failed (evaluation.shapes.failure_mode), counted: 5 prompts, 1 seed
+    assert all(sum(c["failures"].values()) == round(5 * (1 - c["overall"])) for c in curve)
     tok, t5, unet, sched = D.build_base(cfg)
     with pytest.raises(ValueError, match="'euler'"):
         D.evaluate_base(cfg, tok, t5, unet, sched, 5, sampler="euler")

@@ -348,8 +348,10 @@ def run_loop(cfg, cache: Path, minutes: float, resume, model: torch.nn.Module, s
         if cfg.eval_every and step % cfg.eval_every == 0:
             te = time.time()
             for g, r in evaluate_fn(ema.module).items():
+                failures = [rec["failure"] for rec in r["records"] if rec.get("failure")]
                 entry = {"step": step, "cpu_hours": round(hours, 3), "guidance": g, "overall": r["overall"],
-                         "per_category": r["per_category"]}  # fmt: skip
+                         "per_category": r["per_category"],
+                         "failures": {m: failures.count(m) for m in sorted(set(failures))}}  # fmt: skip
                 if getattr(cfg, "eval_sampler", None):
                     entry["sampler"] = cfg.eval_sampler
                 with open(cache / "curve.jsonl", "a") as f:
