@@ -69,9 +69,7 @@ def image_paths(out: str, n: int) -> list[Path]:
 def cmd_generate(args) -> int:
     from .api import generate
 
-    if not isinstance(args.n, int) or args.n < 1:
-        raise ValueError(f"--n {args.n!r} must be a positive integer")
-    paths = image_paths(args.out, args.n)
+    paths = image_paths(args.out, args.n)  # before sampling; generate() checks --n itself
     images = generate(
         args.prompt,
         pipeline=args.pipeline,
