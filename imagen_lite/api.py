@@ -234,6 +234,27 @@ def check_family_kwargs(pipeline: str, kwargs: dict) -> None:
                              f"pipeline={pipeline!r} takes no {name}")  # fmt: skip
 
 
+# the pipeline-call keywords generate() sets itself (from its own arguments)
+_SET_BY_GENERATE = ("self", "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "num_stages",
+                    "num_images_per_prompt", "generator")  # fmt: skip
+
+
+def check_call_kwargs(pipeline: str, kwargs: dict) -> None:
+    """Name a keyword that neither ``generate()`` nor the family's pipeline call takes, before
+    anything loads (it would otherwise be a TypeError from the pipeline, after the load)."""
+    import inspect
+
+    if pipeline == "imagen":
+        from .pipelines.imagen import ImagenPipeline as cls
+    else:
+        from .pipelines.unclip import UnCLIPLitePipeline as cls
+    allowed = [k for k in inspect.signature(cls.__call__).parameters if k not in _SET_BY_GENERATE] + ["lora"]
+    for name in kwargs:
+        if name not in allowed:
+            raise ValueError(f"{name}={kwargs[name]!r} is not a keyword of generate() nor of the {pipeline!r} "
+                             f"pipeline; its extra keywords are {allowed}")  # fmt: skip
+
+
 def family_call_defaults(pipeline: str, preset: presets.Preset) -> dict:
     """The pipeline-call keywords a model's preset fills in when the caller gives none: the
     Imagen SR's :data:`IMAGEN_ONLY_KWARGS` from ``preset``; nothing for other families."""
@@ -294,6 +315,7 @@ def generate(
             n = len(value) if isinstance(value, (list, tuple)) else 1
             per_stage(value, [f"stage {i}" for i in range(max(n, 1))], name, kind=kind)
     check_family_kwargs(pipeline, kwargs)
+    check_call_kwargs(pipeline, kwargs)
     dev = runtime.resolve_device(device)
     dt = runtime.resolve_dtype(dtype, dev)
     auto = device in (None, "auto")

@@ -322,6 +322,8 @@ def test_half_precision_nan_reruns_stage_in_float32():
         (dict(sr_strength="0.5"), ValueError, "sr_strength='0.5' must be a number"),
         (dict(sr_strength=0.2), ValueError, r"sr_strength=0.2 leaves no step of the 2 sr_32 steps.*>= 0.5"),
         (dict(pipeline="dalle2", sr_strength=0.5), ValueError, "sr_strength=0.5 applies to pipeline='imagen' only"),
+        (dict(foo=1), ValueError, r"foo=1 is not a keyword of generate\(\) nor of the 'imagen' pipeline.*'sr_strength'"),
+        (dict(pipeline="dalle2", prior_steps=5), ValueError, r"prior_steps=5 is not a keyword.*'dalle2'.*'image_embeds'"),
     ],
 )
 def test_bad_input_is_named(tiny_dir, kwargs, exc, match):
