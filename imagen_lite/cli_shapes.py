@@ -33,6 +33,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``data shapes`` and ``eval shapes`` to an argparse subparsers object."""
     data = _subcommands(subparsers, "data", "write training data sets")
@@ -63,7 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", required=True, help="pipeline family, e.g. 'imagen' or 'unclip'")
     p.add_argument("--model", default=None, help="model name or path (default: the pipeline's default)")
     p.add_argument("--size", type=int, choices=(64, 256), default=None, help="output side (default: the model's)")
-    p.add_argument("--seeds", type=_positive_int, default=2, help="K: generate each prompt with seeds 0..K-1")
+    p.add_argument("--seeds", type=_positive_int, default=2, help="K: generate each prompt with seeds S..S+K-1")
+    p.add_argument("--seed-start", type=_non_negative_int, default=0,
+                   help="S, the first seed (default 0); e.g. --seeds 2 --seed-start 2 checks a choice on new images")
     p.add_argument("--n-prompts", type=_positive_int, default=100, help="prompt-set size (balanced over kinds)")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt set")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per generate() call")
@@ -111,7 +120,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
             **sr_strength_kwargs(args),
         )
 
-    seeds = tuple(range(args.seeds))
+    seeds = tuple(range(args.seed_start, args.seed_start + args.seeds))
     result = evaluate(
         generate_fn,
         n_prompts=args.n_prompts,

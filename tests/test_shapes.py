@@ -521,6 +521,14 @@ def test_cli_eval_shapes_uses_api_generate(tmp_path, monkeypatch, capsys):
     assert {c[4] for c in calls} == {0, 1} and calls[0][:4] == ("unclip", 256, 3, 4.5)
     saved = json.loads(out.read_text())
     assert saved["overall"] == 1.0 and saved["config"]["seeds"] == [0, 1]
+    # --seed-start: the same prompts on new seeds
+    calls.clear()
+    args = _parser().parse_args(["eval", "shapes", "--pipeline", "imagen", "--seeds", "2", "--seed-start", "5",
+                                 "--n-prompts", "5", "--out", str(out)])  # fmt: skip
+    assert args.func(args) == 0
+    assert {c[4] for c in calls} == {5, 6} and json.loads(out.read_text())["config"]["seeds"] == [5, 6]
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["eval", "shapes", "--pipeline", "imagen", "--seed-start", "-1"])
 
 
 def test_register_reuses_existing_commands():
