@@ -33,6 +33,14 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 _CACHE: dict = {}
 
 
+def check_seed_range(seed: int, name: str = "seed") -> None:
+    """An integer seed outside torch.Generator.manual_seed's range is a ValueError naming it
+    (torch itself says only "Overflow when unpacking long long"). Used by generate() and
+    compare()."""
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise ValueError(f"{name}={seed!r} is out of range; use an integer in [{SEED_MIN}, {SEED_MAX}]")
+
+
 @dataclass
 class Loaded:
     pipe: object
@@ -304,10 +312,8 @@ def generate(
         check_prompt(negative_prompt, "negative_prompt")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed={seed!r} must be an integer or None")
-    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
-        # torch.Generator.manual_seed's own range; outside it torch says only "Overflow when
-        # unpacking long long"
-        raise ValueError(f"seed={seed!r} is out of range; use an integer in [{SEED_MIN}, {SEED_MAX}]")
+    if seed is not None:
+        check_seed_range(seed)
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ValueError(f"size={size!r} must be a positive integer or None")
     for name, value, kind in (("num_inference_steps", num_inference_steps, "steps"), ("guidance_scale", guidance_scale, "guidance")):

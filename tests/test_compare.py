@@ -248,6 +248,7 @@ def test_imagen_sr_strength_is_passed_and_reported(models):
         (("a red circle",), {"seeds": (0, 1.5)}, "seeds must be integers, got 1.5"),
         (("a red circle",), {"seeds": ()}, "one or more integer seeds"),
         (("a red circle",), {"seeds": (1, 1)}, "repeats"),
+        (("a red circle",), {"seeds": (0, 2**64)}, r"a seed=18446744073709551616 is out of range"),
         (("a red circle",), {"models": {"sdxl": "x"}}, "not among pipelines"),
         (("a red circle",), {"steps": 3}, "unknown keyword 'steps'"),
         (("a red circle",), {"dalle2": {"steps": 3}}, "unknown settings"),

@@ -92,6 +92,8 @@ def _check_pipelines(pipelines) -> list[str]:
 
 
 def _check_seeds(seeds) -> list[int]:
+    from .. import api
+
     if isinstance(seeds, (int, str)) and not isinstance(seeds, bool):
         seeds = [seeds]
     if not isinstance(seeds, (list, tuple)) or len(seeds) == 0:
@@ -99,6 +101,7 @@ def _check_seeds(seeds) -> list[int]:
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, numbers.Integral):
             raise ValueError(f"seeds must be integers, got {s!r} ({type(s).__name__}) in seeds={tuple(seeds)!r}")
+        api.check_seed_range(int(s), "a seed")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={tuple(seeds)!r} repeats a seed; each column is one seed")
     return [int(s) for s in seeds]
