@@ -137,9 +137,14 @@ def test_dalle2_default_trains_stage_after_stage_in_chunks_and_resumes(tmp_path)
     new = tmp_path / "new"
     assert train_dalle2(new, minutes=30, chunk=2, plan=longer, start="tiny", warm_start=tmp_path / "prior") == {
         "clip": 2, "prior": 5}  # fmt: skip
-    assert latest_step(new / "prior") == 2 and not (new / "clip").exists()
+    assert latest_step(new / "prior") == 2 and latest_step(new / "clip") is None  # clip: shipped, not retrained
     assert json.loads((new / "prior" / "warm_start.json").read_text())["step"] == 3
-    assert dalle2_training_state(new, longer)["prior"]["step"] == 5
+    # a ship from the new cache keeps the shipped stages' steps and hours, and adds its own
+    shipped, state = D.read_training_state(tmp_path / "prior"), dalle2_training_state(new, longer)
+    assert state["clip"]["step"] == 2 and state["clip"]["cpu_hours"] == shipped["clip"]["cpu_hours"] > 0
+    assert state["prior"]["step"] == 5
+    assert state["prior"]["cpu_hours"] == pytest.approx(shipped["prior"]["cpu_hours"] + D.dalle2_hours(new)["prior"], abs=1e-4)
+    assert state["prior"]["cpu_hours"] > shipped["prior"]["cpu_hours"]
 
 
 def test_a_dalle2_plan_drops_the_lr_at_the_step_it_names(tmp_path):
@@ -152,6 +157,34 @@ def test_a_dalle2_plan_drops_the_lr_at_the_step_it_names(tmp_path):
     assert logged[1] == pytest.approx(1e-3) and logged[3] == pytest.approx(1e-4)  # the chunk stopped at the drop
     ckpts = tmp_path / "clip" / "checkpoints"
     assert json.loads((ckpts / "step_000003" / "config.json").read_text())["lr"] == pytest.approx(1e-4)
+
+
+def test_a_dalle2_plan_phase_changes_the_timestep_bias_and_mixture_at_its_step(tmp_path):
+    from imagen_lite.training.default import settings_at, train_dalle2
+
+    range_phase = dict(timestep_bias_strategy="range", timestep_bias_multiplier=30.0, timestep_bias_begin=850,
+                       timestep_bias_end=1000, shapes_mixture={"position": 1.0})  # fmt: skip
+    item = dict(stage="clip", max_steps=4, batch_size=2, lr=1e-3, lr_drops={1: 5e-4}, warmup_steps=0, log_every=1,
+                keep_checkpoints=10, phases={2: range_phase, 3: dict(lr=1e-4)})  # fmt: skip
+    assert settings_at(item, 0) == {}
+    assert settings_at(item, 2) == {"lr": 5e-4, **range_phase}
+    assert settings_at(item, 3)["lr"] == 1e-4 and settings_at(item, 3)["shapes_mixture"] == {"position": 1.0}
+    assert train_dalle2(tmp_path, minutes=30, chunk=10, plan=(item,), start="tiny") == {"clip": 4}
+    ckpts = tmp_path / "clip" / "checkpoints"
+    # every chunk stopped at a change, so each checkpoint records the settings it ran under
+    before, during, after = (json.loads((ckpts / f"step_00000{s}" / "config.json").read_text()) for s in (2, 3, 4))
+    assert before["timestep_bias_strategy"] == "none" and before["lr"] == pytest.approx(5e-4)
+    assert during["timestep_bias_strategy"] == "range" and during["timestep_bias_begin"] == 850
+    assert during["shapes_mixture"] == {"position": 1.0} and during["lr"] == pytest.approx(5e-4)
+    assert after["timestep_bias_strategy"] == "range" and after["lr"] == pytest.approx(1e-4)
+
+
+def test_a_dalle2_plan_phase_may_not_change_the_architecture(tmp_path):
+    from imagen_lite.training.default import dalle2_stage_config
+
+    item = dict(stage="decoder", max_steps=4, batch_size=2, phases={2: dict(batch_size=4)})
+    with pytest.raises(ValueError, match="batch_size"):
+        dalle2_stage_config(item, tmp_path, "tiny")
 
 
 def tiny_sr_cfg() -> D.SRRunConfig:

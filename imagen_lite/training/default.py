@@ -53,7 +53,7 @@ logger = logging.getLogger("imagen_lite.train")
 
 DEFAULT_CACHE = Path(os.environ.get("IMAGEN_LITE_CACHE", Path.home() / ".cache" / "imagen-lite")) / "train_default"
 TRAINING_STATE_FILE = "training_state.json"  # per stage {step, cpu_hours, config}, in every exported directory
-WARM_START_FILE = "warm_start.json"  # in a DALL-E 2 stage folder seeded by shipped weights: {step, from}
+WARM_START_FILE = "warm_start.json"  # in a DALL-E 2 stage folder seeded by shipped weights: {step, from, cpu_hours}
 ARCHITECTURE_FIELDS = {"imagen-base": ("t5", "unet", "unshuffle_factor", "max_length", "coord_channels"),
                        "imagen-sr": ("unet", "unshuffle_factor")}  # fmt: skip
 
@@ -663,6 +663,8 @@ def export_sr_checkpoint(cache: Path, base_dir: Path, out_dir: Path, checkpoint:
 # The layout phase's caption mixture (sixth session; the stream's default is uniform over the
 # kinds): positions and relations are what both families still draw at chance.
 LAYOUT_MIXTURE = {"single": 0.1, "position": 0.4, "two_objects": 0.1, "relation": 0.25, "counting": 0.15}
+# The range phase's captions (the Imagen base's, sixth session): positions and relations only.
+RANGE_MIXTURE = {"position": 0.7, "relation": 0.3}
 
 DALLE2_PLAN: tuple[dict, ...] = (
     dict(stage="clip", max_steps=600, batch_size=64, lr=5e-4),
@@ -685,37 +687,68 @@ DALLE2_PLAN: tuple[dict, ...] = (
     # and more position/relation captions -- the signal the regular mixture diluted (model card).
     # 11,700-11,900: "later" 0.3 x 3 (56% of the draws at t >= 700); from 11,900: "later" 0.2 x 10
     # (71% at t >= 800, 36% at t >= 900 instead of 10%).
-    dict(stage="decoder", max_steps=16000, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4, 11700: 2e-4}, snr_floor=1.0,
+    # The range phase (tenth session, 14,200 -> 15,600): the recipe that broke positions open in
+    # the Imagen base (sixth session: 20% -> 85% after its consolidation), which the decoder's
+    # milder "later" phase had not (positions 14% at 14,200): timesteps from [850, 1000) x 30 (84%
+    # of draws there), position and relation captions only, lr 5e-4. Then consolidation as in the
+    # Imagen base: LAYOUT_MIXTURE, "later" 0.2 x 10, lr 2e-4 to 17,600 and 1e-4 to 18,600.
+    dict(stage="decoder", max_steps=18600, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4, 11700: 2e-4}, snr_floor=1.0,
          timestep_bias_strategy="later", timestep_bias_multiplier=10.0, timestep_bias_portion=0.2,
-         shapes_mixture=LAYOUT_MIXTURE),
+         shapes_mixture=LAYOUT_MIXTURE,
+         phases={14200: dict(lr=5e-4, timestep_bias_strategy="range", timestep_bias_multiplier=30.0,
+                             timestep_bias_begin=850, timestep_bias_end=1000, shapes_mixture=RANGE_MIXTURE),
+                 15600: dict(lr=2e-4, timestep_bias_strategy="later", timestep_bias_multiplier=10.0,
+                             timestep_bias_portion=0.2, timestep_bias_begin=0, timestep_bias_end=None,
+                             shapes_mixture=LAYOUT_MIXTURE),
+                 17600: dict(lr=1e-4)}),
 )
+
+
+def settings_at(item: dict, step: int) -> dict:
+    """The run settings that plan ``item`` changes at stage step ``step``: ``lr`` from its
+    ``lr_drops`` ({step: lr}), then every field of its ``phases`` ({step: {field: value}}; only
+    fields a run may change on resume, ``config.RESUMABLE_CHANGES``) whose step is at or before
+    ``step``, in step order (a later change wins). Empty before the first drop or phase."""
+    events = [(int(at), {"lr": lr}) for at, lr in (item.get("lr_drops") or {}).items()]
+    events += [(int(at), dict(fields)) for at, fields in (item.get("phases") or {}).items()]
+    out = {}
+    for at, fields in sorted(events, key=lambda e: e[0]):
+        if step >= at:
+            out.update(fields)
+    return out
+
+
+def phase_starts(item: dict) -> list[int]:
+    """The stage steps where plan ``item`` changes settings (its lr drops and phases)."""
+    return sorted({int(at) for at in [*(item.get("lr_drops") or {}), *(item.get("phases") or {})]})
 
 
 def lr_at(item: dict, step: int, default: float | None = None) -> float:
     """The peak lr of plan ``item`` at stage step ``step``: its ``lr`` (else ``default``), or
-    the last of its ``lr_drops`` ({step: lr}) at or before ``step``."""
-    lr = item.get("lr", default)
-    for at, value in sorted((item.get("lr_drops") or {}).items()):
-        if step >= int(at):
-            lr = value
-    return lr
+    the last of its ``lr_drops`` / ``phases`` that sets one at or before ``step``."""
+    return settings_at(item, step).get("lr", item.get("lr", default))
 
 
 def dalle2_stage_config(plan: dict, cache: Path, previous: str):
-    from .config import TrainConfig
+    from .config import RESUMABLE_CHANGES, TrainConfig
 
     common = dict(family="dalle2", data="shapes", model=previous, warmup_steps=100, lr_schedule="constant_with_warmup",
                   caption_dropout=0.1, ema_decay=0.999, min_snr_gamma=5.0, checkpoint_every=100, keep_checkpoints=2,
                   log_every=50, resume="latest")  # fmt: skip
-    common.update({k: v for k, v in plan.items() if k != "lr_drops"})
+    bad = {f for fields in (plan.get("phases") or {}).values() for f in fields} - RESUMABLE_CHANGES
+    if bad:
+        raise ValueError(f"plan {plan['stage']!r}: phases may change only {sorted(RESUMABLE_CHANGES)}, not {sorted(bad)}")
+    common.update({k: v for k, v in plan.items() if k not in ("lr_drops", "phases")})
     return TrainConfig(out=str(Path(cache) / plan["stage"]), **common)
 
 
 def dalle2_seed(out: Path, shipped: dict | None = None, stage: str | None = None, warm_start=None) -> dict | None:
-    """Where a DALL-E 2 stage starts when it is seeded by shipped weights: ``{"step", "from"}``.
-    Recorded in ``out/warm_start.json`` on first use, so later runs keep counting from it; a
-    stage with its own checkpoints and no record was trained from scratch here. Without
-    ``shipped``/``warm_start`` only the record is read (None: not seeded)."""
+    """Where a DALL-E 2 stage starts when it is seeded by shipped weights: ``{"step", "from",
+    "cpu_hours"}`` (the shipped stage's step and wall hours, so a later ship adds this cache's
+    hours to them instead of losing them). Recorded in ``out/warm_start.json`` on first use, so
+    later runs keep counting from it; a stage with its own checkpoints and no record was trained
+    from scratch here. Without ``shipped``/``warm_start`` only the record is read (None: not
+    seeded)."""
     from .loop import latest_step
 
     record = _read_json(Path(out) / WARM_START_FILE)
@@ -723,7 +756,8 @@ def dalle2_seed(out: Path, shipped: dict | None = None, stage: str | None = None
         return record
     if warm_start is None or stage not in (shipped or {}) or latest_step(out) is not None:
         return None
-    return {"step": int(shipped[stage]["step"]), "from": str(warm_start)}
+    return {"step": int(shipped[stage]["step"]), "from": str(warm_start),
+            "cpu_hours": float(shipped[stage].get("cpu_hours", 0.0))}  # fmt: skip
 
 
 def dalle2_hours(cache: Path) -> dict:
@@ -785,21 +819,22 @@ def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN
         cfg = dalle2_stage_config(item, cache, previous)
         seed = dalle2_seed(Path(cfg.out), shipped, cfg.stage, warm_start)
         offset = seed["step"] if seed else 0
+        if seed:  # recorded even for a stage the shipped weights finished, so its step and hours ship again
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.out) / WARM_START_FILE).write_text(json.dumps(seed))
         if offset >= cfg.max_steps:  # the shipped weights finished this stage
             steps[cfg.stage], previous = offset, seed["from"]
             continue
         if seed:
             cfg = cfg.replace(model=seed["from"], max_steps=cfg.max_steps - offset)
-            Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.out) / WARM_START_FILE).write_text(json.dumps(seed))
         _count_killed_chunk(cache, cfg.stage, Path(cfg.out))
         done = latest_step(cfg.out) or 0
         while done < cfg.max_steps and time.monotonic() < deadline:
             t0 = time.monotonic()
-            # a chunk never crosses an lr drop; the lr in force at its first step runs it
-            drops = [int(at) - offset for at in (item.get("lr_drops") or {}) if int(at) - offset > done]
-            stop = min([cfg.max_steps, done + chunk, *drops])
-            train(cfg.replace(stop_at=stop, lr=lr_at(item, offset + done, cfg.lr)))
+            # a chunk never crosses an lr drop or a phase start; the settings in force at its first step run it
+            starts = [at - offset for at in phase_starts(item) if at - offset > done]
+            stop = min([cfg.max_steps, done + chunk, *starts])
+            train(cfg.replace(stop_at=stop, **{"lr": cfg.lr, **settings_at(item, offset + done)}))
             done = latest_step(cfg.out) or 0
             _add_dalle2_hours(cache, cfg.stage, (time.monotonic() - t0) / 3600, done)
             logger.info("dalle2 %s: step %d/%d", cfg.stage, offset + done, offset + cfg.max_steps)
@@ -812,13 +847,15 @@ def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN
 
 def dalle2_training_state(cache: Path, plan=DALLE2_PLAN) -> dict:
     """``training_state.json`` entries of the DALL-E 2 chain in ``cache``: per stage the step
-    reached (shipped offset included), the wall hours recorded and the stage recipe."""
+    reached and the wall hours, the shipped weights' included for a stage they seeded, and the
+    stage recipe."""
     from .loop import latest_step
 
     hours, state = dalle2_hours(cache), {}
     for item in plan:
         out = Path(cache) / item["stage"]
-        offset = (dalle2_seed(out) or {}).get("step", 0)
-        state[item["stage"]] = {"step": offset + (latest_step(out) or 0),
-                                "cpu_hours": hours.get(item["stage"], 0.0), "config": _comparable(item)}  # fmt: skip
+        seed = dalle2_seed(out) or {}
+        state[item["stage"]] = {"step": seed.get("step", 0) + (latest_step(out) or 0),
+                                "cpu_hours": round(seed.get("cpu_hours", 0.0) + hours.get(item["stage"], 0.0), 4),
+                                "config": _comparable(item)}  # fmt: skip
     return state
