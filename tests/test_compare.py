@@ -208,6 +208,15 @@ def test_shapes_only_for_shapes_captions(dirs):
     assert r.shapes["prompts_scored"] == 1 and "not shapes captions" in r.shapes["statement"]
     assert set(r.summary["imagen"]["shapes_accuracy"]) == {"overall", "counting"}
     assert r.records[0]["shapes_ok"] is None and r.records[1]["shapes_ok"] in (0, 1)
+    # a wrong image says why (failure_mode), a right one has no failure; the summary counts them
+    from imagen_lite.evaluation.shapes import FAILURE_MODES, detect_objects, failure_mode, parse_caption
+
+    rec = r.records[1]
+    expected = failure_mode(detect_objects(r.images[("imagen", 1, 0)]), parse_caption("two red circles"))
+    assert rec["shapes_failure"] == (None if rec["shapes_ok"] else expected)
+    assert (rec["shapes_failure"] in FAILURE_MODES) == (not rec["shapes_ok"])
+    assert r.summary["imagen"]["shapes_failures"] == ({} if rec["shapes_ok"] else {expected: 1})
+    assert "shapes failures" in r.markdown()
 
 
 def test_per_pipeline_settings_and_policy(dirs, models):

@@ -467,6 +467,8 @@ class ComparisonReport:
             kinds = list(dict.fromkeys(k for p in cols for k in self.summary[p]["shapes_accuracy"]))
             for k in kinds:
                 row(f"shapes accuracy: {k}", lambda s, k=k: s["shapes_accuracy"].get(k, "-"))
+            row("shapes failures (images)",
+                lambda s: ", ".join(f"{m} {n}" for m, n in s["shapes_failures"].items()) or "none")  # fmt: skip
         row("CLIP score", lambda s: "-" if s.get("clip_score_mean") is None else s["clip_score_mean"])
         return "\n".join(lines) + "\n"
 
@@ -602,7 +604,7 @@ class ComparisonReport:
 
 
 _SUMMARY_ORDER = ("size", "steps", "guidance", "median_seconds_per_image", "median_stage_seconds", "load_seconds",
-                  "peak_memory_mb", "peak_rss_mb", "rss_before_mb", "shapes_accuracy", "shapes_images_scored", "clip_score_mean")
+                  "peak_memory_mb", "peak_rss_mb", "rss_before_mb", "shapes_accuracy", "shapes_images_scored", "shapes_failures", "clip_score_mean")
 
 
 def _metric_order(metric: str) -> int:
@@ -824,16 +826,22 @@ def _describe(pipe, model) -> str:
 
 
 def _score_shapes(prompts, kinds, pipelines, images, records, summary) -> dict:
-    from .shapes import score_image
+    from .shapes import FAILURE_MODES, detect_objects, failure_mode, match_caption, parse_caption
 
     scored = [i for i, k in enumerate(kinds) if k is not None]
     if not scored:
         for p in pipelines:
-            summary[p]["shapes_accuracy"] = None
+            summary[p]["shapes_accuracy"] = summary[p]["shapes_failures"] = None
         return {"applies": False, "statement": "not computed: none of the prompts is a shapes caption (docs/shapes.md)."}
     for rec in records:
         i = rec["prompt_index"]
-        rec["shapes_ok"] = None if kinds[i] is None else int(score_image(images[(rec["pipeline"], i, rec["seed"])], prompts[i]))
+        if kinds[i] is None:
+            rec["shapes_ok"] = rec["shapes_failure"] = None
+            continue
+        # score_image's two steps, kept apart so a wrong image also says why (failure_mode)
+        parsed, objects = parse_caption(prompts[i]), detect_objects(images[(rec["pipeline"], i, rec["seed"])])
+        rec["shapes_ok"] = int(match_caption(objects, parsed))
+        rec["shapes_failure"] = None if rec["shapes_ok"] else failure_mode(objects, parsed)
     for p in pipelines:
         recs = [r for r in records if r["pipeline"] == p and r["shapes_ok"] is not None]
         acc = {"overall": _r(sum(r["shapes_ok"] for r in recs) / len(recs), 4)}
@@ -842,6 +850,10 @@ def _score_shapes(prompts, kinds, pipelines, images, records, summary) -> dict:
             acc[kind] = _r(sum(oks) / len(oks), 4)
         summary[p]["shapes_accuracy"] = acc
         summary[p]["shapes_images_scored"] = len(recs)
+        # counts per failure mode (only those that occur, in FAILURE_MODES order): numbers, so
+        # metrics.csv carries them too; the per-image mode is the record's "shapes_failure"
+        failures = [r["shapes_failure"] for r in recs]
+        summary[p]["shapes_failures"] = {m: failures.count(m) for m in FAILURE_MODES if m in failures}
     skipped = len(prompts) - len(scored)
     return {
         "applies": True,
