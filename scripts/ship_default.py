@@ -26,13 +26,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-from imagen_lite import presets, runtime
-from imagen_lite.training.default import (
-    DALLE2_PLAN, DEFAULT_CACHE, dalle2_seed, dalle2_stage_config, dalle2_training_state, export_base_checkpoint, export_sr_checkpoint,
-    write_training_state,
-)  # fmt: skip
+from imagen_lite import presets
+from imagen_lite.training.default import DEFAULT_CACHE, export_base_checkpoint, export_dalle2_checkpoint, export_sr_checkpoint
 
 
 def numbers(text: str, kind):
@@ -56,31 +51,8 @@ def ship_imagen(cache: Path, out: Path, defaults: dict) -> Path:
 
 
 def ship_dalle2(cache: Path, out: Path, defaults: dict) -> Path:
-    from imagen_lite.pipelines.unclip import UnCLIPLitePipeline
-    from imagen_lite.training.loop import latest_step, train
-
-    plan = {p["stage"]: p for p in DALLE2_PLAN}
-    sr_dir = cache / "dalle2" / "sr"
-    cfg = dalle2_stage_config(plan["decoder"], cache / "dalle2", str(sr_dir))
-    seed = dalle2_seed(Path(cfg.out))  # a decoder seeded by shipped weights starts from them
-    if seed:
-        cfg = cfg.replace(model=seed["from"])
-    step = latest_step(cfg.out)
-    if step is None:
-        raise FileNotFoundError(f"no decoder checkpoint under {cfg.out}; train with scripts/train_default.py --stage dalle2")
-    # a run whose max_steps is its checkpoint's step only writes the EMA pipeline into cfg.out
-    train(cfg.replace(max_steps=step))
-    src = Path(cfg.out)
-    pipe = UnCLIPLitePipeline.from_pretrained(src, **runtime.dtype_kwargs(torch.float16), use_safetensors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    from transformers import CLIPVisionModelWithProjection
-
-    encoder = CLIPVisionModelWithProjection.from_pretrained(src / "image_encoder", use_safetensors=True)
-    encoder.to(torch.float16).save_pretrained(tmp / "image_encoder", safe_serialization=True)
-    shutil.copytree(src / "feature_extractor", tmp / "feature_extractor")
-    (tmp / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
-    write_training_state(tmp, dalle2_training_state(cache / "dalle2"))
+    export_dalle2_checkpoint(cache / "dalle2", tmp, defaults=defaults)
     return swap_in(tmp, out)
 
 

@@ -187,6 +187,28 @@ def test_a_dalle2_plan_phase_may_not_change_the_architecture(tmp_path):
         dalle2_stage_config(item, tmp_path, "tiny")
 
 
+def test_a_dalle2_decoder_checkpoint_exports_as_a_loadable_fp16_pipeline(tmp_path):
+    from imagen_lite import load_pipeline
+    from imagen_lite.training.default import export_dalle2_checkpoint, train_dalle2
+
+    plan = (dict(stage="decoder", max_steps=2, batch_size=2, warmup_steps=0, checkpoint_every=1, keep_checkpoints=5),)
+    assert train_dalle2(tmp_path / "cache", minutes=30, chunk=1, plan=plan, start="tiny") == {"decoder": 2}
+    defaults = {"num_inference_steps": [2, 2, 2], "guidance_scale": [1.0, 1.0, 1.0]}
+    new = export_dalle2_checkpoint(tmp_path / "cache", tmp_path / "new", defaults=defaults, plan=plan)
+    old = export_dalle2_checkpoint(tmp_path / "cache", tmp_path / "old", plan=plan,
+                                   checkpoint=str(tmp_path / "cache" / "decoder" / "checkpoints" / "step_000001"))  # fmt: skip
+    assert D.read_training_state(new)["decoder"]["step"] == 2 and D.read_training_state(old)["decoder"]["step"] == 1
+    assert json.loads((new / "imagen_lite_defaults.json").read_text()) == defaults
+    for part in ("decoder", "image_encoder", "prior", "text_encoder"):
+        (weights,) = (new / part).glob("*.safetensors")
+        assert {v.dtype for v in load_file(str(weights)).values()} == {torch.float16}, part
+    decoder = [load_file(str(next((d / "decoder").glob("*.safetensors")))) for d in (new, old)]
+    assert any(not torch.equal(decoder[0][k], decoder[1][k]) for k in decoder[0])  # step 2's EMA is not step 1's
+    pipe = load_pipeline("dalle2", model=str(new), device="cpu", dtype="float32")
+    assert pipe(["a red circle"], num_inference_steps=(2, 2, 2), output_type="np", generator=torch.Generator().manual_seed(0),
+                ).images.shape[0] == 1  # fmt: skip
+
+
 def tiny_sr_cfg() -> D.SRRunConfig:
     return D.SRRunConfig(
         batch_size=2, warmup_steps=2, checkpoint_every=2, eval_every=0, low_crops=(16,),

@@ -845,6 +845,52 @@ def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN
     return steps
 
 
+def export_dalle2_checkpoint(cache: Path, out_dir: Path, checkpoint: str = "latest", defaults: dict | None = None,
+                             plan=DALLE2_PLAN) -> Path:  # fmt: skip
+    """Export a decoder checkpoint of the DALL-E 2 chain in ``cache`` (``train_default/dalle2``)
+    as one float16 pipeline directory: its EMA decoder on top of the pipeline the decoder stage
+    started from (CLIP, prior, text_proj, SR), plus the CLIP vision tower (``image_encoder/``)
+    for ``encode_images`` and CLIP scores, ``imagen_lite_defaults.json`` (``defaults``) and
+    ``training_state.json``. ``checkpoint``: ``"latest"`` or a ``step_*`` directory (one copied
+    out of the cache too, for the evaluation of an earlier step). Read-only on the cache. For a
+    checkpoint other than the newest, the decoder's recorded step is the checkpoint's and its
+    hours are the cache's total so far (an upper bound)."""
+    import shutil
+    import tempfile
+
+    from transformers import CLIPVisionModelWithProjection
+
+    from .. import presets
+    from ..pipelines.unclip import UnCLIPLitePipeline
+    from .loop import train
+
+    item = {p["stage"]: p for p in plan}["decoder"]
+    cfg = dalle2_stage_config(item, cache, "")
+    seed = dalle2_seed(Path(cfg.out))  # a decoder seeded by shipped weights: its step counts from theirs
+    ckpt = resolve_resume(Path(cfg.out) / "checkpoints", checkpoint)
+    if ckpt is None:
+        raise FileNotFoundError(f"no decoder checkpoint under {cfg.out}; train with scripts/train_default.py --stage dalle2")
+    # the pipeline the stage started from (the sr stage's, or the shipped weights that seeded it)
+    cfg = cfg.replace(model=json.loads((ckpt / "config.json").read_text())["model"])
+    step = int(torch.load(ckpt / "state.pt", weights_only=True)["step"])
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory() as work:
+        # a run resumed at its checkpoint's step with max_steps = that step trains nothing and
+        # writes the EMA pipeline into its out (here a scratch folder, not the cache)
+        train(cfg.replace(out=work, resume=str(ckpt), max_steps=step))
+        pipe = UnCLIPLitePipeline.from_pretrained(work, **runtime.dtype_kwargs(torch.float16), use_safetensors=True)
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+        encoder = CLIPVisionModelWithProjection.from_pretrained(Path(work) / "image_encoder", use_safetensors=True)
+        encoder.to(torch.float16).save_pretrained(out_dir / "image_encoder", safe_serialization=True)
+        shutil.copytree(Path(work) / "feature_extractor", out_dir / "feature_extractor", dirs_exist_ok=True)
+    if defaults is not None:
+        (out_dir / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    state = dalle2_training_state(cache, plan)
+    state["decoder"]["step"] = (seed or {}).get("step", 0) + step
+    write_training_state(out_dir, state)
+    return out_dir
+
+
 def dalle2_training_state(cache: Path, plan=DALLE2_PLAN) -> dict:
     """``training_state.json`` entries of the DALL-E 2 chain in ``cache``: per stage the step
     reached and the wall hours, the shipped weights' included for a stage they seeded, and the
