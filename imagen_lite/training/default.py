@@ -665,6 +665,11 @@ def export_sr_checkpoint(cache: Path, base_dir: Path, out_dir: Path, checkpoint:
 LAYOUT_MIXTURE = {"single": 0.1, "position": 0.4, "two_objects": 0.1, "relation": 0.25, "counting": 0.15}
 # The range phase's captions (the Imagen base's, sixth session): positions and relations only.
 RANGE_MIXTURE = {"position": 0.7, "relation": 0.3}
+RANGE_PHASE = dict(lr=5e-4, timestep_bias_strategy="range", timestep_bias_multiplier=30.0, timestep_bias_begin=850,
+                   timestep_bias_end=1000, shapes_mixture=RANGE_MIXTURE)  # fmt: skip
+CONSOLIDATION_PHASE = dict(lr=2e-4, timestep_bias_strategy="later", timestep_bias_multiplier=10.0,
+                           timestep_bias_portion=0.2, timestep_bias_begin=0, timestep_bias_end=None,
+                           shapes_mixture=LAYOUT_MIXTURE)  # fmt: skip
 
 DALLE2_PLAN: tuple[dict, ...] = (
     dict(stage="clip", max_steps=600, batch_size=64, lr=5e-4),
@@ -687,20 +692,19 @@ DALLE2_PLAN: tuple[dict, ...] = (
     # and more position/relation captions -- the signal the regular mixture diluted (model card).
     # 11,700-11,900: "later" 0.3 x 3 (56% of the draws at t >= 700); from 11,900: "later" 0.2 x 10
     # (71% at t >= 800, 36% at t >= 900 instead of 10%).
-    # The range phase (tenth session, 14,200 -> 15,600): the recipe that broke positions open in
-    # the Imagen base (sixth session: 20% -> 85% after its consolidation), which the decoder's
-    # milder "later" phase had not (positions 14% at 14,200): timesteps from [850, 1000) x 30 (84%
-    # of draws there), position and relation captions only, lr 5e-4. Then consolidation as in the
-    # Imagen base: LAYOUT_MIXTURE, "later" 0.2 x 10, lr 2e-4 to 17,600 and 1e-4 to 18,600.
-    dict(stage="decoder", max_steps=18600, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4, 11700: 2e-4}, snr_floor=1.0,
+    # The range phase (tenth session): the recipe that broke positions open in the Imagen base
+    # (sixth session: 20% -> 85% after its consolidation), which the decoder's milder "later"
+    # phase had not (positions 14% at 14,200): timesteps from [850, 1000) x 30 (84% of draws
+    # there), position and relation captions only, lr 5e-4. Planned 14,200 -> 15,600; at 15,600
+    # the raw weights still placed no better than the shipped ones (13 / 60 position prompts
+    # against 12 / 60), so after 200 steps of consolidation the run went back to the range phase
+    # from 15,800 to 17,200, then consolidation as in the Imagen base: LAYOUT_MIXTURE, "later"
+    # 0.2 x 10, lr 2e-4, and 1e-4 from 18,400 (docs/model_card.md, "Tenth session").
+    dict(stage="decoder", max_steps=18800, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4, 11700: 2e-4}, snr_floor=1.0,
          timestep_bias_strategy="later", timestep_bias_multiplier=10.0, timestep_bias_portion=0.2,
          shapes_mixture=LAYOUT_MIXTURE,
-         phases={14200: dict(lr=5e-4, timestep_bias_strategy="range", timestep_bias_multiplier=30.0,
-                             timestep_bias_begin=850, timestep_bias_end=1000, shapes_mixture=RANGE_MIXTURE),
-                 15600: dict(lr=2e-4, timestep_bias_strategy="later", timestep_bias_multiplier=10.0,
-                             timestep_bias_portion=0.2, timestep_bias_begin=0, timestep_bias_end=None,
-                             shapes_mixture=LAYOUT_MIXTURE),
-                 17600: dict(lr=1e-4)}),
+         phases={14200: RANGE_PHASE, 15600: CONSOLIDATION_PHASE, 15800: RANGE_PHASE, 17200: CONSOLIDATION_PHASE,
+                 18400: dict(lr=1e-4)}),
 )
 
 
