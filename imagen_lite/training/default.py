@@ -698,13 +698,16 @@ DALLE2_PLAN: tuple[dict, ...] = (
     # there), position and relation captions only, lr 5e-4. Planned 14,200 -> 15,600; at 15,600
     # the raw weights still placed no better than the shipped ones (13 / 60 position prompts
     # against 12 / 60), so after 200 steps of consolidation the run went back to the range phase
-    # from 15,800 to 17,200, then consolidation as in the Imagen base: LAYOUT_MIXTURE, "later"
-    # 0.2 x 10, lr 2e-4, and 1e-4 from 18,400 (docs/model_card.md, "Tenth session").
+    # from 15,800. At 16,400 still nothing (12 / 60; the ink centroid of "on the right" minus "on
+    # the left" +0.001 image widths): the decoder barely reads position words, which its frozen
+    # CLIP text tower hardly separates (model card). So the range phase ended at 16,800, and the
+    # rest of the budget went to consolidation, the recipe of 11,700 -> 14,200: LAYOUT_MIXTURE,
+    # "later" 0.2 x 10, lr 2e-4, and 1e-4 from 18,000 (docs/model_card.md, "Tenth session").
     dict(stage="decoder", max_steps=18800, batch_size=32, lr=5e-4, lr_drops={3200: 1e-4, 11700: 2e-4}, snr_floor=1.0,
          timestep_bias_strategy="later", timestep_bias_multiplier=10.0, timestep_bias_portion=0.2,
          shapes_mixture=LAYOUT_MIXTURE,
-         phases={14200: RANGE_PHASE, 15600: CONSOLIDATION_PHASE, 15800: RANGE_PHASE, 17200: CONSOLIDATION_PHASE,
-                 18400: dict(lr=1e-4)}),
+         phases={14200: RANGE_PHASE, 15600: CONSOLIDATION_PHASE, 15800: RANGE_PHASE, 16800: CONSOLIDATION_PHASE,
+                 18000: dict(lr=1e-4)}),
 )
 
 
