@@ -360,6 +360,37 @@ def test_probe_layout_prints_a_row_per_timestep_and_prompt(tmp_path, capsys):
     assert (dx, dy) == (pytest.approx(0.8), pytest.approx(1.2))
 
 
+def test_probe_unclip_layout_measures_where_positions_are_lost(tmp_path, capsys):
+    """scripts/probe_unclip_layout.py: its centroid gap reads true renderings as placed (dx, dy
+    near a third), and it runs end to end on an exported DALL-E 2 pipeline with raw weights."""
+    import runpy
+
+    import numpy as np
+    from PIL import Image
+
+    from imagen_lite.data.shapes import render, scene_for_caption
+    from imagen_lite.training.default import export_dalle2_checkpoint, train_dalle2
+
+    probe = runpy.run_path(str(imagen_lite.__path__[0] + "/../scripts/probe_unclip_layout.py"))
+    rng = np.random.default_rng(0)
+    centroids = {pos: [probe["ink_centroid"](Image.fromarray(render(scene_for_caption(f"a red circle {pos}", rng), 64)))
+                       for _ in range(4)] for pos in probe["POSITIONS"]}  # fmt: skip
+    dx, dy = probe["position_gaps"](centroids)
+    assert dx > 0.25 and dy > 0.25
+    assert probe["ink_centroid"](Image.new("RGB", (8, 8), "white")) == (0.5, 0.5)
+
+    plan = (dict(stage="decoder", max_steps=1, batch_size=2, warmup_steps=0),)
+    train_dalle2(tmp_path / "cache", minutes=30, plan=plan, start="tiny")
+    export_dalle2_checkpoint(tmp_path / "cache", tmp_path / "pipe", plan=plan)
+    ckpt = list_checkpoints(tmp_path / "cache" / "decoder" / "checkpoints")[-1]
+    probe["main"]([str(tmp_path / "pipe"), "--checkpoint", str(ckpt), "--renders", "2", "--seeds", "1", "--steps", "2,2"])
+    out = capsys.readouterr().out
+    assert "CLIP image embeddings: cosine within a caption" in out and "CLIP text token states" in out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| prior") or line.startswith("| oracle")]
+    assert [r[1].strip() for r in rows] == ["prior", "oracle"]
+    assert all(abs(float(r[2])) <= 1 and abs(float(r[3])) <= 1 for r in rows)
+
+
 def test_the_base_trainer_draws_timesteps_with_its_bias(tmp_path):
     """The layout phase's timestep bias reaches the base's loss: "earlier" x0 over 90% of the steps
     leaves only t >= 900; the default draws uniformly. A bad bias is refused before training."""
