@@ -148,10 +148,10 @@ def test_dalle2_default_trains_stage_after_stage_in_chunks_and_resumes(tmp_path)
 
 
 def test_a_dalle2_plan_drops_the_lr_at_the_step_it_names(tmp_path):
-    from imagen_lite.training.default import lr_at, train_dalle2
+    from imagen_lite.training.default import settings_at, train_dalle2
 
     item = dict(stage="clip", max_steps=3, batch_size=2, lr=1e-3, lr_drops={2: 1e-4}, warmup_steps=0, log_every=1)
-    assert [lr_at(item, s) for s in (0, 1, 2, 3)] == [1e-3, 1e-3, 1e-4, 1e-4]
+    assert [settings_at(item, s).get("lr", item["lr"]) for s in (0, 1, 2, 3)] == [1e-3, 1e-3, 1e-4, 1e-4]
     assert train_dalle2(tmp_path, minutes=30, chunk=5, plan=(item,), start="tiny") == {"clip": 3}
     logged = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "clip" / "logs" / "train_log.jsonl").open())}
     assert logged[1] == pytest.approx(1e-3) and logged[3] == pytest.approx(1e-4)  # the chunk stopped at the drop

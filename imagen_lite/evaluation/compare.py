@@ -826,7 +826,7 @@ def _describe(pipe, model) -> str:
 
 
 def _score_shapes(prompts, kinds, pipelines, images, records, summary) -> dict:
-    from .shapes import FAILURE_MODES, detect_objects, failure_mode, match_caption, parse_caption
+    from .shapes import FAILURE_MODES, detect_objects, failure_mode, parse_caption
 
     scored = [i for i, k in enumerate(kinds) if k is not None]
     if not scored:
@@ -838,10 +838,10 @@ def _score_shapes(prompts, kinds, pipelines, images, records, summary) -> dict:
         if kinds[i] is None:
             rec["shapes_ok"] = rec["shapes_failure"] = None
             continue
-        # score_image's two steps, kept apart so a wrong image also says why (failure_mode)
-        parsed, objects = parse_caption(prompts[i]), detect_objects(images[(rec["pipeline"], i, rec["seed"])])
-        rec["shapes_ok"] = int(match_caption(objects, parsed))
-        rec["shapes_failure"] = None if rec["shapes_ok"] else failure_mode(objects, parsed)
+        # as evaluate() scores: failure_mode is None exactly for a right image, else says why
+        image = images[(rec["pipeline"], i, rec["seed"])]
+        rec["shapes_failure"] = failure_mode(detect_objects(image), parse_caption(prompts[i]))
+        rec["shapes_ok"] = int(rec["shapes_failure"] is None)
     for p in pipelines:
         recs = [r for r in records if r["pipeline"] == p and r["shapes_ok"] is not None]
         acc = {"overall": _r(sum(r["shapes_ok"] for r in recs) / len(recs), 4)}

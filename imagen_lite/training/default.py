@@ -730,12 +730,6 @@ def phase_starts(item: dict) -> list[int]:
     return sorted({int(at) for at in [*(item.get("lr_drops") or {}), *(item.get("phases") or {})]})
 
 
-def lr_at(item: dict, step: int, default: float | None = None) -> float:
-    """The peak lr of plan ``item`` at stage step ``step``: its ``lr`` (else ``default``), or
-    the last of its ``lr_drops`` / ``phases`` that sets one at or before ``step``."""
-    return settings_at(item, step).get("lr", item.get("lr", default))
-
-
 def dalle2_stage_config(plan: dict, cache: Path, previous: str):
     from .config import RESUMABLE_CHANGES, TrainConfig
 
