@@ -132,7 +132,10 @@ def test_dalle2_default_trains_stage_after_stage_in_chunks_and_resumes(tmp_path)
     # the steps a longer plan still asks for
     from imagen_lite.training.default import dalle2_training_state, write_training_state
 
-    write_training_state(tmp_path / "prior", dalle2_training_state(tmp_path, plan))
+    shipped_state = dalle2_training_state(tmp_path, plan)
+    # hours the "shipped" weights recorded (a tiny stage's own rounds to 0.0 h)
+    shipped_state["clip"]["cpu_hours"], shipped_state["prior"]["cpu_hours"] = 0.25, 0.5
+    write_training_state(tmp_path / "prior", shipped_state)
     longer = (plan[0], dict(plan[1], max_steps=5))
     new = tmp_path / "new"
     assert train_dalle2(new, minutes=30, chunk=2, plan=longer, start="tiny", warm_start=tmp_path / "prior") == {
@@ -141,10 +144,9 @@ def test_dalle2_default_trains_stage_after_stage_in_chunks_and_resumes(tmp_path)
     assert json.loads((new / "prior" / "warm_start.json").read_text())["step"] == 3
     # a ship from the new cache keeps the shipped stages' steps and hours, and adds its own
     shipped, state = D.read_training_state(tmp_path / "prior"), dalle2_training_state(new, longer)
-    assert state["clip"]["step"] == 2 and state["clip"]["cpu_hours"] == shipped["clip"]["cpu_hours"] > 0
+    assert state["clip"]["step"] == 2 and state["clip"]["cpu_hours"] == shipped["clip"]["cpu_hours"] == 0.25
     assert state["prior"]["step"] == 5
-    assert state["prior"]["cpu_hours"] == pytest.approx(shipped["prior"]["cpu_hours"] + D.dalle2_hours(new)["prior"], abs=1e-4)
-    assert state["prior"]["cpu_hours"] > shipped["prior"]["cpu_hours"]
+    assert state["prior"]["cpu_hours"] == pytest.approx(0.5 + D.dalle2_hours(new)["prior"], abs=1e-4)
 
 
 def test_a_dalle2_plan_drops_the_lr_at_the_step_it_names(tmp_path):
