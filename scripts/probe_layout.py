@@ -60,12 +60,10 @@ def main(argv=None):
 
     pipe = ImagenPipeline.from_pretrained(args.model, **runtime.dtype_kwargs(torch.float32))
     if args.checkpoint:
-        from safetensors.torch import load_file
+        from imagen_lite.training.checkpoint import raw_weights
 
-        state = load_file(f"{args.checkpoint}/model.safetensors")
-        pipe.unet.load_state_dict({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
-        pipe.text_encoder.load_state_dict(
-            {k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}, strict=False)  # fmt: skip
+        pipe.unet.load_state_dict(raw_weights(args.checkpoint, "unet."))
+        pipe.text_encoder.load_state_dict(raw_weights(args.checkpoint, "text_encoder."), strict=False)
     r, coords, n = pipe.config.unshuffle_factor, pipe.config.get("coord_channels", 0), args.draws
     side = pipe.unet.config.sample_size
     white = sampling.pixel_unshuffle(torch.ones(n, 3, side * r, side * r), r)

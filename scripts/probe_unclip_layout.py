@@ -51,18 +51,6 @@ def position_gaps(centroids: dict) -> tuple[float, float]:
     return float(mean["on the right"][0] - mean["on the left"][0]), float(mean["at the bottom"][1] - mean["at the top"][1])
 
 
-def load_raw_weights(pipe, checkpoint) -> None:
-    """Swap a training checkpoint's raw decoder and text_proj weights into ``pipe``."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    raw = load_file(str(Path(checkpoint) / "model.safetensors"))
-    for part in ("decoder", "text_proj"):
-        prefix = f"parts.{part}."
-        getattr(pipe, part).load_state_dict({k[len(prefix) :]: v.float() for k, v in raw.items() if k.startswith(prefix)})
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a DALL-E 2 pipeline directory with image_encoder/ and feature_extractor/")
@@ -81,8 +69,11 @@ def main(argv=None) -> None:
     from imagen_lite.pipelines.unclip import encode_images
 
     pipe = load_pipeline("dalle2", model=args.model, device="cpu", dtype="float32")
-    if args.checkpoint:
-        load_raw_weights(pipe, args.checkpoint)
+    if args.checkpoint:  # the raw decoder and text_proj of a training checkpoint
+        from imagen_lite.training.checkpoint import raw_weights
+
+        for part in ("decoder", "text_proj"):
+            getattr(pipe, part).load_state_dict(raw_weights(args.checkpoint, f"parts.{part}."))
     vision = CLIPVisionModelWithProjection.from_pretrained(f"{args.model}/image_encoder").float().eval()
     processor = CLIPImageProcessor.from_pretrained(f"{args.model}/feature_extractor")
     rng = np.random.default_rng(0)

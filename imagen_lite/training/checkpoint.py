@@ -141,6 +141,14 @@ def resolve_resume(root, resume: str | None) -> Path | None:
     return path
 
 
+def raw_weights(path, prefix: str) -> dict:
+    """The raw (non-EMA) weights of one module in checkpoint ``path``: the entries of its
+    ``model.safetensors`` under ``prefix`` (e.g. ``"unet."``), with the prefix removed -- a
+    ``load_state_dict`` for that module (the probes compare them with the EMA)."""
+    weights = load_file(str(Path(path) / "model.safetensors"))
+    return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
 def verify_checkpoint(path) -> None:
     """Raise ``ValueError`` naming ``path`` when a checkpoint is incomplete, truncated or not
     made by :func:`save_checkpoint` -- cheaply (headers and the small files), before a run

@@ -32,6 +32,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -856,9 +858,6 @@ def export_dalle2_checkpoint(cache: Path, out_dir: Path, checkpoint: str = "late
     out of the cache too, for the evaluation of an earlier step). Read-only on the cache. For a
     checkpoint other than the newest, the decoder's recorded step is the checkpoint's and its
     hours are the cache's total so far (an upper bound)."""
-    import shutil
-    import tempfile
-
     from transformers import CLIPVisionModelWithProjection
 
     from .. import presets
