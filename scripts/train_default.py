@@ -22,9 +22,10 @@ from pathlib import Path
 
 from imagen_lite import presets
 from imagen_lite.training.default import (
-    DEFAULT_CACHE, TRAINING_STATE_FILE, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint, resumed_config, train_base,
-    train_dalle2, train_sr,
+    BASE_RECIPES, DEFAULT_CACHE, TRAINING_STATE_FILE, WIP_DIR, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint,
+    resumed_config, train_base_plan, train_dalle2, train_sr,
 )  # fmt: skip
+from dataclasses import replace
 from imagen_lite.training.checkpoint import resolve_resume
 
 # Run configs of the Imagen stages; "dalle2" chains clip -> prior -> sr -> decoder with the
@@ -45,6 +46,9 @@ def main(argv=None):
     p.add_argument("--warm-start", default="shipped",
                    help="with no checkpoint in the cache, start from these exported weights: 'shipped' (the package's "
                         "default, %(default)s), a pipeline dir, or 'none' for from scratch")
+    p.add_argument("--recipe", choices=sorted(BASE_RECIPES), default="v1",
+                   help="imagen-base: the lineage. v1 ships; v2 (eleventh session) trains from scratch in the cache "
+                        "folder imagen-base-v2 and warm-starts from wip/imagen-base-v2 (BASE_RECIPES)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 when sharing the CPU with other jobs)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a config field")
     args = p.parse_args(argv)
@@ -53,9 +57,14 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
-    cache = args.cache or DEFAULT_CACHE / args.stage
+    if args.recipe != "v1" and args.stage != "imagen-base":
+        p.error(f"--recipe {args.recipe}: recipes name lineages of --stage imagen-base, not {args.stage}")
+    lineage = args.stage if args.recipe == "v1" else f"{args.stage}-{args.recipe}"
+    cache = args.cache or DEFAULT_CACHE / lineage
     family = "dalle2" if args.stage == "dalle2" else "imagen"
-    warm_start = {"none": None, "shipped": presets.WEIGHTS_DIR / family}.get(args.warm_start, Path(args.warm_start))
+    # a lineage other than the shipped one warm-starts from its own work-in-progress weights (wip/)
+    shipped = presets.WEIGHTS_DIR / family if args.recipe == "v1" else WIP_DIR / lineage
+    warm_start = {"none": None, "shipped": shipped}.get(args.warm_start, Path(args.warm_start))
     if warm_start is not None and not (warm_start / TRAINING_STATE_FILE).is_file():
         if args.warm_start != "shipped":
             p.error(f"--warm-start {args.warm_start!r}: no {TRAINING_STATE_FILE} there (an exported default directory "
@@ -73,6 +82,8 @@ def main(argv=None):
         p.error(str(err))
     # a run continues the recipe it resumes (checkpoint, else shipped weights); --set changes it
     cfg = resumed_config(STAGES[args.stage], ckpt, warm_start if resume else None, args.stage)
+    if ckpt is None and (warm_start is None or not resume) and args.stage == "imagen-base":
+        cfg = replace(cfg, **BASE_RECIPES[args.recipe])  # from scratch: the lineage's recipe
     names = {f.name for f in fields(cfg)}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -90,7 +101,7 @@ def main(argv=None):
             print(export_sr_checkpoint(cache, args.base_dir, args.export, args.resume))
         return
     if args.stage == "imagen-base":
-        result = train_base(cfg, cache, args.minutes, resume, args.export, args.max_steps, warm_start=warm_start)
+        result = train_base_plan(cfg, cache, args.minutes, resume, args.export, args.max_steps, warm_start=warm_start)
     else:
         base_dir = args.base_dir or warm_start  # the shipped cascade carries the base's T5
         if base_dir is None:

@@ -411,3 +411,55 @@ def test_the_base_trainer_draws_timesteps_with_its_bias(tmp_path):
     with pytest.raises(ValueError, match="timestep_bias_strategy='noisy'"):
         D.train_base(tiny_base_cfg(timestep_bias_strategy="noisy"), tmp_path / "bad", minutes=10, resume=None, max_steps=2)
     assert not list_checkpoints(tmp_path / "bad")
+
+
+def test_a_base_plan_changes_lr_and_mixture_at_the_steps_its_phases_name(tmp_path):
+    from imagen_lite.training.checkpoint import resolve_resume
+
+    mix = {"position": 1.0}
+    cfg = tiny_base_cfg(phases={2: {"lr": 1e-4}, "4": {"mixture": mix, "snr_floor": 1.0}})
+    out = D.train_base_plan(cfg, tmp_path / "run", minutes=10, resume=None, max_steps=5)
+    assert out["step"] == 5
+    configs = {int(p.name.split("_")[1]): json.loads((p / "config.json").read_text()) for p in list_checkpoints(tmp_path / "run")}
+    assert configs[2]["lr"] == cfg.lr and configs[4]["lr"] == 1e-4 and configs[5]["lr"] == 1e-4
+    assert configs[4]["mixture"] == cfg.mixture and configs[5]["mixture"] == mix and configs[5]["snr_floor"] == 1.0
+    # a resume re-applies the phases it is past, and keeps them in its config
+    resumed = D.resumed_config(D.BaseRunConfig, resolve_resume(tmp_path / "run", "latest"))
+    assert resumed.phases == {"2": {"lr": 1e-4}, "4": {"mixture": mix, "snr_floor": 1.0}}
+    assert D.train_base_plan(resumed, tmp_path / "run", minutes=10, max_steps=6)["step"] == 6
+
+
+def test_a_base_phase_may_not_change_the_architecture(tmp_path):
+    with pytest.raises(ValueError, match=r"unshuffle_factor.*may change only"):
+        D.train_base_plan(tiny_base_cfg(phases={3: {"unshuffle_factor": 2}}), tmp_path / "run", minutes=10, resume=None,
+                          max_steps=4)  # fmt: skip
+    with pytest.raises(ValueError, match="step 'later'"):
+        D.check_base_phases({"later": {"lr": 1e-4}})
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatch):
+    """--recipe v2: a lineage beside the shipped one, with BASE_RECIPES["v2"] applied on a fresh
+    start and a warm start only from its own wip/ directory, never from the shipped v1 weights."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("train_default", pathlib.Path(imagen_lite.__file__).parents[1] / "scripts" / "train_default.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = {}
+
+    def fake_plan(cfg, cache, minutes, resume, export, max_steps, warm_start=None):
+        seen.update(cfg=cfg, cache=cache, warm_start=warm_start)
+        return {"step": 0}
+
+    monkeypatch.setattr(script, "train_base_plan", fake_plan)
+    monkeypatch.setattr(script, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(script, "WIP_DIR", tmp_path / "wip")
+    script.main(["--stage", "imagen-base", "--recipe", "v2", "--minutes", "1"])
+    assert seen["cache"] == tmp_path / "cache" / "imagen-base-v2" and seen["warm_start"] is None
+    for key, value in D.BASE_RECIPES["v2"].items():
+        assert getattr(seen["cfg"], key) == value, key
+    assert D.BaseRunConfig().bf16 is False and seen["cfg"].bf16 is True  # the recipe, not the defaults
+    with pytest.raises(SystemExit):
+        script.main(["--stage", "imagen-sr", "--recipe", "v2"])

@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,9 @@ logger = logging.getLogger("imagen_lite.train")
 
 DEFAULT_CACHE = Path(os.environ.get("IMAGEN_LITE_CACHE", Path.home() / ".cache" / "imagen-lite")) / "train_default"
 TRAINING_STATE_FILE = "training_state.json"  # per stage {step, cpu_hours, config}, in every exported directory
+# Work-in-progress weights of a lineage that does not ship yet (fp16 exports with training_state.json,
+# committed so the next session resumes it on a new machine); outside the package.
+WIP_DIR = Path(__file__).resolve().parents[2] / "wip"
 WARM_START_FILE = "warm_start.json"  # in a DALL-E 2 stage folder seeded by shipped weights: {step, from, cpu_hours}
 ARCHITECTURE_FIELDS = {"imagen-base": ("t5", "unet", "unshuffle_factor", "max_length", "coord_channels"),
                        "imagen-sr": ("unet", "unshuffle_factor")}  # fmt: skip
@@ -151,6 +154,49 @@ class BaseRunConfig:
     # session, model card). A run with 2 may warm-start from weights without them
     # (components.grow_input_channels).
     coord_channels: int = 0
+    # {step: {field: value}}: settings that change at a step (lr drops, layout phases), applied by
+    # ``train_base_plan`` chunk by chunk; only BASE_PHASE_FIELDS. A resumed run re-applies every
+    # phase at or before its step, so a phase's value wins over a --set of the same field.
+    phases: dict = field(default_factory=dict)
+
+
+# Fields a base phase may change: the ones a resume may change without touching the architecture.
+BASE_PHASE_FIELDS = frozenset(
+    {"lr", "snr_floor", "timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion",
+     "timestep_bias_begin", "timestep_bias_end", "mixture", "caption_dropout", "eval_every", "checkpoint_every", "bf16"}
+)  # fmt: skip
+
+# Named recipes of the Imagen base, as changes to BaseRunConfig's defaults applied when a run starts
+# from scratch (a resumed run keeps its checkpoint's config). "v1" is the lineage that ships (its
+# later changes were --set on resume; docs/model_card.md lists them). "v2" (eleventh session) is
+# a new lineage from scratch with what v1 learned put in from step 0, so it gets its own 8
+# reference hours (the tenth session's budget reading, docs/model_card.md):
+# - snr_floor 1 and a mild high-noise bias ("later" 0.25 x 2: 40% of the draws at t >= 750):
+#   v1's positions appeared only once the high-noise steps, where layout is decided, were
+#   trained (its min-SNR weights had left them ~0 until step 10,400);
+# - more two-object, relation and counting captions (v1's weakest categories), fewer singles;
+# - no coordinate channels (they helped in no v1 run);
+# - bf16 autocast: on this session's AVX-512 BF16 machine (scripts/budget_speed.py's class)
+#   the UNet step is 0.365 s against 0.405 s in float32 (on AVX2-only machines it is 3x slower:
+#   --set bf16=false there).
+V2_MIXTURE = {"single": 0.1, "position": 0.2, "two_objects": 0.25, "relation": 0.25, "counting": 0.2}
+BASE_RECIPES = {
+    "v1": {},
+    "v2": dict(bf16=True, snr_floor=1.0, mixture=V2_MIXTURE, timestep_bias_strategy="later",
+               timestep_bias_multiplier=2.0, eval_every=1000),
+}  # fmt: skip
+
+
+def check_base_phases(phases: dict) -> None:
+    """``ValueError`` naming a bad phase step or field (before any training starts)."""
+    for at, fields in (phases or {}).items():
+        if not str(at).isdigit():
+            raise ValueError(f"phases: step {at!r} must be a non-negative integer")
+        if not isinstance(fields, dict):
+            raise ValueError(f"phases[{at!r}]={fields!r} must be a dict of {{field: value}}")
+        bad = sorted(set(fields) - BASE_PHASE_FIELDS)
+        if bad:
+            raise ValueError(f"phases[{at!r}] changes {bad}; a phase may change only {sorted(BASE_PHASE_FIELDS)}")
 
 
 def build_base(cfg: BaseRunConfig):
@@ -406,6 +452,40 @@ def train_base(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | No
                         training_state={"imagen-base": stage_record(step, hours, cfg)})  # fmt: skip
         say(f"exported EMA weights to {export_dir}")
     return {"step": step, "cpu_hours": hours, "checkpoints": [str(p) for p in list_checkpoints(cache)]}
+
+
+def _start_step(cache: Path, resume: str | None, warm_start: Path | None, cfg) -> int:
+    """The step a base run would start at: its checkpoint's, else the warm start's, else 0."""
+    ckpt = resolve_resume(cache, resume)
+    if ckpt is not None:
+        return int(torch.load(ckpt / "state.pt", weights_only=True)["step"])
+    if resume == "latest" and warm_start is not None:
+        return int(shipped_stage(warm_start, "imagen-base", cfg)["step"])
+    return 0
+
+
+def train_base_plan(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str | None = "latest",
+                    export_dir: Path | None = None, max_steps: int | None = None, warm_start: Path | None = None) -> dict:
+    """``train_base`` following ``cfg.phases``: chunks that stop at each phase start, each run with
+    the settings of the phase it is in (``settings_at``), until ``minutes`` or ``max_steps``."""
+    check_base_phases(cfg.phases)
+    if not cfg.phases:
+        return train_base(cfg, cache, minutes, resume, export_dir, max_steps, warm_start=warm_start)
+    deadline = time.time() + minutes * 60
+    plan = {"phases": cfg.phases}
+    while True:
+        step = _start_step(Path(cache), resume, warm_start, cfg)
+        stops = [at for at in phase_starts(plan) if at > step] + ([max_steps] if max_steps is not None else [])
+        stop = min(stops) if stops else None
+        left = (deadline - time.time()) / 60
+        last = stop is None or stop == max_steps or left <= 0.05
+        chunk = replace(cfg, **settings_at(plan, step))
+        result = train_base(chunk, cache, max(left, 0.0), resume, export_dir if last else None, stop, warm_start=warm_start)
+        resume = "latest"
+        if last or result["step"] < stop:  # out of time (or the last phase ran to max_steps)
+            if not last and export_dir is not None:
+                export_base_checkpoint(cache, export_dir)
+            return result
 
 
 # ---------------------------------------------------------------------- 64 -> 256 super-resolution
