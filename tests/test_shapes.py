@@ -601,3 +601,32 @@ def test_evaluate_records_and_tables_failures():
     row = [line for line in table.splitlines() if line.startswith("| two_objects")][0]
     cells = [int(c) for c in row.strip("|").split("|")[1:]]
     assert cells[0] == cells[1] + sum(cells[2:])
+
+
+def test_contrast_groups_share_objects_and_differ_only_in_position_or_relation():
+    from imagen_lite.data.shapes import contrast_variants
+
+    assert contrast_variants("a small red circle at the top") == [
+        "a small red circle at the top", "a small red circle on the left", "a small red circle on the right",
+        "a small red circle at the bottom", "a small red circle in the center"]  # fmt: skip
+    assert sorted(contrast_variants("an orange square below a red circle")[1:]) == sorted(
+        f"an orange square {r} a red circle" for r in ("to the left of", "to the right of", "above"))
+    assert contrast_variants("three red circles") == ["three red circles"]
+    plain = S.ShapesDataset(seed=5, exclude_heldout=True)
+    grouped = S.ShapesDataset(seed=5, exclude_heldout=True, contrast_group=4)
+    kinds = set()
+    for first in range(0, 200, 4):
+        assert grouped.scene(first) == plain.scene(first)  # a group opens with the plain stream's scene
+        group = [grouped.scene(first + k) for k in range(4)]
+        assert not any(S.is_heldout(s.caption) for s in group)
+        kinds.add(group[0].kind)
+        if group[0].kind in ("position", "relation"):
+            assert all(s.kind == group[0].kind and s.caption in contrast_variants(group[0].caption) for s in group)
+            assert len({s.caption for s in group}) >= 3
+            for s in group:  # each variant is laid out to satisfy its own caption
+                assert score_image(render(s, 64), s.caption)
+        else:
+            assert group[1] == plain.scene(first + 1)  # other kinds: independent scenes
+    assert {"position", "relation", "single"} <= kinds
+    with pytest.raises(ValueError, match="contrast_group must be an int >= 1"):
+        S.ShapesDataset(contrast_group=0)

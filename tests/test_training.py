@@ -415,6 +415,9 @@ def test_timestep_bias_draws_the_biased_timesteps_more_often():
         (dict(timestep_bias_strategy="range", timestep_bias_begin=900, timestep_bias_end=100),
          r"timestep_bias_begin=900, timestep_bias_end=100: need 0 <= begin < end <= 1000"),
         (dict(shapes_mixture={"position": 1.0}), r"shapes_mixture=\{'position': 1.0\} is for data 'shapes'"),
+        (dict(shapes_contrast_group=4), r"shapes_contrast_group=4 is for data 'shapes'"),
+        (dict(data="shapes", shapes_contrast_group=3, batch_size=4), r"shapes_contrast_group=3 must divide batch_size=4"),
+        (dict(data="shapes", shapes_contrast_group=0), r"shapes_contrast_group=0 must be an int >= 1"),
     ],
 )  # fmt: skip
 def test_bad_timestep_bias_and_mixture_are_rejected_by_name(tmp_path, data_dir, kw, match):
@@ -459,3 +462,24 @@ def test_shapes_mixture_sets_the_caption_kinds_and_bias_may_change_on_resume(tmp
     out = train(cfg.replace(resume="latest", **layout))
     saved = json.loads((out / "checkpoints" / "step_000004" / "config.json").read_text())
     assert {k: saved[k] for k in layout} == layout
+
+
+def test_a_clip_batch_with_contrast_groups_holds_each_caption_with_its_position_variants(tmp_path):
+    """shapes_contrast_group=4: every position/relation caption of a batch comes with 3 captions
+    that differ from it only in the position word or relation (CLIP hard negatives)."""
+    from imagen_lite.data.shapes import contrast_variants
+    from imagen_lite.training.data import Batches
+
+    source = open_source("shapes", shapes_mixture={"position": 0.5, "relation": 0.5}, shapes_contrast_group=4)
+    batch = Batches(source, {"pixel_values": 32}, batch_size=8, data_seed=0)(micro_step=3)
+    texts = batch["text"]
+    for g in range(0, 8, 4):
+        group = texts[g : g + 4]
+        allowed = contrast_variants(group[0])
+        assert len(allowed) > 1 and set(group) <= set(allowed), group
+        assert len(set(group)) >= 3, group  # at least three places/relations (a held-out variant may be skipped)
+    cfg = TrainConfig(family="dalle2", stage="clip", data="shapes", out=str(tmp_path / "clip"), max_steps=2, batch_size=4,
+                      shapes_contrast_group=4, shapes_mixture={"position": 1.0}, warmup_steps=0, log_every=1)  # fmt: skip
+    cfg.check()
+    out = train(cfg)
+    assert json.loads((out / "checkpoints" / "step_000002" / "config.json").read_text())["shapes_contrast_group"] == 4

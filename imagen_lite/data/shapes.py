@@ -14,10 +14,11 @@ The matching detector and scorer live in :mod:`imagen_lite.evaluation.shapes`.
 
 from __future__ import annotations
 
+
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -709,6 +710,23 @@ def _scene_at(seed: int, index: int, mixture, exclude_heldout: bool) -> Scene:
     return sample_scene(np.random.default_rng([seed, index]), mixture, exclude_heldout)
 
 
+def contrast_variants(caption: str) -> list[str]:
+    """``caption`` first, then every caption that differs from it only in its position word
+    (``position`` kind) or its relation (``relation`` kind); ``[caption]`` for the other kinds.
+
+    They are the hard negatives of contrastive (CLIP) training: in a batch where an object
+    appears at several places, InfoNCE can only match captions to images by their positions."""
+    parsed = parse_caption(caption)
+    if parsed.kind == "position":
+        obj = parsed.objects[0]
+        others = [replace(obj, position=p) for p in POSITIONS if p != obj.position]
+        return [caption] + [_caption_for("position", [o]) for o in others]
+    if parsed.kind == "relation":
+        objs = list(parsed.objects)
+        return [caption] + [_caption_for("relation", objs, r) for r in RELATIONS if r != parsed.relation]
+    return [caption]
+
+
 class ShapesDataset(torch.utils.data.IterableDataset):
     """A deterministic stream of rendered, captioned shapes scenes.
 
@@ -728,6 +746,12 @@ class ShapesDataset(torch.utils.data.IterableDataset):
         exclude_heldout: never yield held-out compositions (see :func:`is_heldout`).
         start_index: first sample index (resume position).
         num_samples: stop before index ``num_samples``; ``None`` streams forever.
+        contrast_group: 1, or ``g`` > 1 for contrastive training with hard negatives: indices
+            ``g*j ... g*j + g - 1`` form a group. Its first scene is the one index ``g*j`` has
+            anyway; when that is a position or relation caption, the others are its
+            :func:`contrast_variants` in turn (the same objects, another position or relation,
+            each laid out afresh from ``(seed, index)``), else they are independent scenes.
+            Batches of consecutive indices that are a multiple of ``g`` keep groups whole.
     """
 
     def __init__(
@@ -738,8 +762,12 @@ class ShapesDataset(torch.utils.data.IterableDataset):
         exclude_heldout: bool = False,
         start_index: int = 0,
         num_samples: int | None = None,
+        contrast_group: int = 1,
     ):
         super().__init__()
+        if isinstance(contrast_group, bool) or not isinstance(contrast_group, int) or contrast_group < 1:
+            raise ValueError(f"contrast_group must be an int >= 1 (1: independent scenes), got {contrast_group!r}")
+        self.contrast_group = contrast_group
         if isinstance(size, (tuple, list)):
             if len(size) != 2:
                 raise ValueError(f"size must be an int or a (low, high) pair, got {size!r}")
@@ -762,7 +790,17 @@ class ShapesDataset(torch.utils.data.IterableDataset):
 
     def scene(self, index: int) -> Scene:
         """The scene of sample ``index``."""
-        return _scene_at(self.seed, index, self.mixture, self.exclude_heldout)
+        g = self.contrast_group
+        first = index - index % g
+        if index == first:
+            return _scene_at(self.seed, index, self.mixture, self.exclude_heldout)
+        variants = contrast_variants(_scene_at(self.seed, first, self.mixture, self.exclude_heldout).caption)
+        if self.exclude_heldout:
+            variants = [v for v in variants if not is_heldout(v)]
+        if len(variants) == 1:  # not a position/relation caption: an independent scene
+            return _scene_at(self.seed, index, self.mixture, self.exclude_heldout)
+        caption = variants[(index - first) % len(variants)]
+        return scene_for_caption(caption, np.random.default_rng([self.seed, index]))
 
     def example(self, index: int) -> dict:
         """The item of sample ``index`` (what iteration yields at that position)."""

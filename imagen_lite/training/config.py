@@ -54,7 +54,7 @@ FINETUNE = ("full", "lora")
 # phase of a long run (decision, fourth session: the DALL-E 2 decoder needed it).
 RESUMABLE_CHANGES = frozenset(
     {"lr", "snr_floor", "timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion",
-     "timestep_bias_begin", "timestep_bias_end", "shapes_mixture", "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
+     "timestep_bias_begin", "timestep_bias_end", "shapes_mixture", "shapes_contrast_group", "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
      "validation_steps", "validation_guidance", "resume", "out", "log_every", "save_pipeline", "num_workers", "stop_at"}
 )  # fmt: skip
 
@@ -79,6 +79,7 @@ class TrainConfig:
     num_workers: int = 0  # image decoding threads (0: in the training process)
     # data "shapes": share of each caption kind, e.g. {"position": 0.5, "relation": 0.5}; None: the stream's default
     shapes_mixture: dict | None = None
+    shapes_contrast_group: int = 1  # data shapes: g > 1 puts each position/relation caption's variants in one batch (CLIP hard negatives)
     # -- optimisation
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 8  # per process and micro-step
@@ -165,6 +166,14 @@ class TrainConfig:
         check_timestep_bias(*timestep_bias_args(self))
         if self.shapes_mixture is not None and self.data != "shapes":
             raise ValueError(f"shapes_mixture={self.shapes_mixture!r} is for data 'shapes' (got data={self.data!r})")
+        g = self.shapes_contrast_group
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"shapes_contrast_group={g!r} must be an int >= 1 (1: independent scenes)")
+        if g > 1 and self.data != "shapes":
+            raise ValueError(f"shapes_contrast_group={g!r} is for data 'shapes' (got data={self.data!r})")
+        if g > 1 and self.batch_size % g:
+            raise ValueError(f"shapes_contrast_group={g!r} must divide batch_size={self.batch_size!r}, so no group is split "
+                             f"across batches")  # fmt: skip
         if float(self.lr) <= 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
         crop = tuple(self.sr_crop) if self.sr_crop else ()

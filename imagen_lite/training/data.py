@@ -139,11 +139,13 @@ class DatasetsSource(Source):
 class ShapesSource(Source):
     """The shapes stream: sample ``i`` is a function of ``(seed, i)``; endless."""
 
-    def __init__(self, seed: int = 0, exclude_heldout: bool = True, mixture: dict | None = None):
+    def __init__(self, seed: int = 0, exclude_heldout: bool = True, mixture: dict | None = None, contrast_group: int = 1):
         from ..data.shapes import ShapesDataset
 
-        self.dataset = ShapesDataset(size=64, seed=seed, mixture=mixture, exclude_heldout=exclude_heldout)
-        self.description = f"shapes stream (seed {seed}" + (f", mixture {mixture})" if mixture else ")")
+        self.dataset = ShapesDataset(size=64, seed=seed, mixture=mixture, exclude_heldout=exclude_heldout,
+                                     contrast_group=contrast_group)  # fmt: skip
+        extra = (f", mixture {mixture}" if mixture else "") + (f", contrast groups of {contrast_group}" if contrast_group > 1 else "")
+        self.description = f"shapes stream (seed {seed}{extra})"
 
     def __len__(self) -> int:
         raise TypeError("the shapes stream is endless")
@@ -292,11 +294,12 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def open_source(data: str, image_column: str = "image", caption_column: str = "text", seed: int = 0,
-                shapes_mixture: dict | None = None) -> Source:  # fmt: skip
+                shapes_mixture: dict | None = None, shapes_contrast_group: int = 1) -> Source:  # fmt: skip
     """The :class:`Source` that ``--data`` names; every check on the data happens here.
-    ``shapes_mixture`` (data "shapes" only): the share of each caption kind."""
+    ``shapes_mixture`` (data "shapes" only): the share of each caption kind;
+    ``shapes_contrast_group``: groups of hard negatives (``ShapesDataset``'s ``contrast_group``)."""
     if data == "shapes":
-        return ShapesSource(seed=seed, mixture=shapes_mixture)
+        return ShapesSource(seed=seed, mixture=shapes_mixture, contrast_group=shapes_contrast_group)
     path = Path(data)
     if path.is_dir():
         if not any(path.iterdir()):

@@ -209,7 +209,8 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"out={cfg.out!r} is a file; pass a directory for the output pipeline")
     ckpt_root = out / "checkpoints"
     resume_from, resumed_cfg = _check_resume(ckpt_root, cfg)
-    source = open_source(cfg.data, cfg.image_column, cfg.caption_column, seed=cfg.data_seed, shapes_mixture=cfg.shapes_mixture)
+    source = open_source(cfg.data, cfg.image_column, cfg.caption_column, seed=cfg.data_seed, shapes_mixture=cfg.shapes_mixture,
+                         shapes_contrast_group=cfg.shapes_contrast_group)
 
     # 2. Accelerator: devices, processes, mixed precision, gradient accumulation, logging
     use_tensorboard = importlib.util.find_spec("tensorboard") is not None
@@ -403,7 +404,8 @@ def stage_loss(cfg: TrainConfig, model: str, draws: int = 4, micro_step: int = 0
     after a run on the same numbers."""
     cfg = cfg.replace(model=str(model))
     stage = get_stage(cfg.family, cfg.stage)
-    source = open_source(cfg.data, cfg.image_column, cfg.caption_column, seed=cfg.data_seed, shapes_mixture=cfg.shapes_mixture)
+    source = open_source(cfg.data, cfg.image_column, cfg.caption_column, seed=cfg.data_seed, shapes_mixture=cfg.shapes_mixture,
+                         shapes_contrast_group=cfg.shapes_contrast_group)
     pipe, image_encoder, processor = load_start(cfg)
     ctx = Context(pipe, cfg, noise_schedule(pipe, stage), torch.device("cpu"), image_encoder, processor)
     sizes = stage.image_sizes(pipe, cfg, ctx)
