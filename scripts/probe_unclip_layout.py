@@ -7,7 +7,9 @@
 1. *CLIP image tower*: mean cosine between the CLIP image embeddings of true renderings of the
    same object at different positions ("on the left" vs "on the right", "at the top" vs "at the
    bottom"), beside the cosine between two renderings of the same caption. Equal numbers: the
-   image embedding carries no position, so neither can the prior's output.
+   image embedding carries no position, so neither can the prior's output. And retrieval: for
+   each object, how often the CLIP text embedding of "... on the left" (etc.) is nearest to the
+   mean image embedding of its own position among the four (chance: 1 in 4).
 2. *CLIP text tower*: cosine of the token states of the position word ("left" vs "right", "top"
    vs "bottom") at the last hidden layer -- what the decoder's cross-attention reads.
 3. *Decoder*: dx = mean ink-centroid x of images drawn for "... on the right" minus "... on the
@@ -19,7 +21,8 @@
 The tenth session's shipped decoder (14,200) printed cosines 0.98 across positions as within
 one caption, token cosine 0.984 for left/right, and dx / dy ~0 on both paths: the tiny CLIP
 never learned positions and the decoder does not read the words (docs/model_card.md, "Tenth
-session"). ``--checkpoint`` swaps in the raw (non-EMA) decoder and text_proj weights of a
+session"). ``--clip-only`` stops after 1 and 2 (a CLIP stage's output, eleventh session: contrast
+groups of 4 made retrieval 16 / 16 where the shipped CLIP gets chance). ``--checkpoint`` swaps in the raw (non-EMA) decoder and text_proj weights of a
 training checkpoint (``model.safetensors``; the EMA lags ~1,000 steps behind them).
 """
 
@@ -59,6 +62,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=2, help="images per (object, position) and path")
     p.add_argument("--steps", default="25,25", help="prior and decoder steps")
     p.add_argument("--guidance", default="2,2", help="prior and decoder guidance")
+    p.add_argument("--clip-only", action="store_true", help="measure the CLIP towers only (1 and 2)")
     args = p.parse_args(argv)
 
     from PIL import Image
@@ -94,6 +98,14 @@ def main(argv=None) -> None:
                 if b != a:
                     across.append(float((ea @ emb[f"a {c} {s} {b}"].T).mean()))
     print(f"CLIP image embeddings: cosine within a caption {np.mean(same):.3f}, across positions {np.mean(across):.3f}")
+    hits = 0
+    for c, s in OBJECTS:
+        caps = [f"a {c} {s} {pos}" for pos in POSITIONS]
+        text = torch.nn.functional.normalize(pipe.encode_prompt(caps)[0].float(), dim=-1)
+        image = torch.nn.functional.normalize(torch.stack([emb[cap].mean(0) for cap in caps]), dim=-1)
+        hits += int((text @ image.T).argmax(1).eq(torch.arange(len(caps))).sum())
+    n = len(OBJECTS) * len(POSITIONS)
+    print(f"CLIP text -> image: the right position first for {hits} of {n} captions (chance {n // len(POSITIONS)})")
 
     # 2. the CLIP text tower's token states at the position word
     words = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
@@ -102,6 +114,8 @@ def main(argv=None) -> None:
     word_state = {w: torch.nn.functional.normalize(states[i, last[i]], dim=-1) for i, w in enumerate(words)}
     lr, tb = float(word_state["left"] @ word_state["right"]), float(word_state["top"] @ word_state["bottom"])
     print(f"CLIP text token states: cosine left/right {lr:.3f}, top/bottom {tb:.3f}")
+    if args.clip_only:
+        return
 
     # 3. the decoder, through the prior and through an oracle prior
     steps = tuple(int(v) for v in args.steps.split(","))

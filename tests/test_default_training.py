@@ -388,9 +388,14 @@ def test_probe_unclip_layout_measures_where_positions_are_lost(tmp_path, capsys)
     probe["main"]([str(tmp_path / "pipe"), "--checkpoint", str(ckpt), "--renders", "2", "--seeds", "1", "--steps", "2,2"])
     out = capsys.readouterr().out
     assert "CLIP image embeddings: cosine within a caption" in out and "CLIP text token states" in out
+    hits = int(out.split("the right position first for ")[1].split(" of ")[0])
+    assert 0 <= hits <= 16
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| prior") or line.startswith("| oracle")]
     assert [r[1].strip() for r in rows] == ["prior", "oracle"]
     assert all(abs(float(r[2])) <= 1 and abs(float(r[3])) <= 1 for r in rows)
+    probe["main"]([str(tmp_path / "pipe"), "--clip-only", "--renders", "2"])
+    out = capsys.readouterr().out
+    assert "CLIP text -> image" in out and "| prior" not in out
 
 
 def test_the_base_trainer_draws_timesteps_with_its_bias(tmp_path):
