@@ -22,14 +22,14 @@ from pathlib import Path
 
 from imagen_lite import presets
 from imagen_lite.training.default import (
-    BASE_RECIPES, DEFAULT_CACHE, TRAINING_STATE_FILE, WIP_DIR, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint,
+    BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, TRAINING_STATE_FILE, WIP_DIR, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint,
     resumed_config, train_base_plan, train_dalle2, train_sr,
 )  # fmt: skip
 from dataclasses import replace
 from imagen_lite.training.checkpoint import resolve_resume
 
 # Run configs of the Imagen stages; "dalle2" chains clip -> prior -> sr -> decoder with the
-# generic `imagen-lite train` loop, its recipe in DALLE2_PLAN (no --set there).
+# generic `imagen-lite train` loop, its recipe in DALLE2_PLAN (v2: DALLE2_V2_PLAN; no --set there).
 STAGES = {"imagen-base": BaseRunConfig, "imagen-sr": SRRunConfig}
 
 
@@ -46,9 +46,10 @@ def main(argv=None):
     p.add_argument("--warm-start", default="shipped",
                    help="with no checkpoint in the cache, start from these exported weights: 'shipped' (the package's "
                         "default, %(default)s), a pipeline dir, or 'none' for from scratch")
-    p.add_argument("--recipe", choices=sorted(BASE_RECIPES), default="v1",
-                   help="imagen-base: the lineage. v1 ships; v2 (eleventh session) trains from scratch in the cache "
-                        "folder imagen-base-v2 and warm-starts from wip/imagen-base-v2 (BASE_RECIPES)")
+    p.add_argument("--recipe", choices=sorted({*BASE_RECIPES, *DALLE2_PLANS}), default="v1",
+                   help="the lineage (imagen-base, dalle2). v1 ships; v2 (eleventh session) trains in the cache folder "
+                        "<stage>-v2 and warm-starts from wip/<stage>-v2, never from the shipped v1 weights "
+                        "(BASE_RECIPES, DALLE2_PLANS in imagen_lite/training/default.py)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 when sharing the CPU with other jobs)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a config field")
     args = p.parse_args(argv)
@@ -57,8 +58,9 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.recipe != "v1" and args.stage != "imagen-base":
-        p.error(f"--recipe {args.recipe}: recipes name lineages of --stage imagen-base, not {args.stage}")
+    recipes = {"imagen-base": BASE_RECIPES, "dalle2": DALLE2_PLANS}.get(args.stage, {"v1": None})
+    if args.recipe not in recipes:
+        p.error(f"--recipe {args.recipe}: --stage {args.stage} has the lineages {sorted(recipes)}")
     lineage = args.stage if args.recipe == "v1" else f"{args.stage}-{args.recipe}"
     cache = args.cache or DEFAULT_CACHE / lineage
     family = "dalle2" if args.stage == "dalle2" else "imagen"
@@ -72,8 +74,8 @@ def main(argv=None):
         warm_start = None  # nothing shipped yet (a checkout before the first ship): from scratch
     if args.stage == "dalle2":
         if args.set or args.export_only:
-            p.error("--stage dalle2 takes its recipe from DALLE2_PLAN (imagen_lite/training/default.py): no --set or --export-only")
-        print(json.dumps(train_dalle2(cache, args.minutes, warm_start=warm_start), indent=2))
+            p.error("--stage dalle2 takes its recipe from DALLE2_PLANS (imagen_lite/training/default.py): no --set or --export-only")
+        print(json.dumps(train_dalle2(cache, args.minutes, plan=DALLE2_PLANS[args.recipe], warm_start=warm_start), indent=2))
         return
     resume = None if args.resume == "none" else args.resume
     try:

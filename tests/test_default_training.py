@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -468,3 +469,58 @@ def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatc
     assert D.BaseRunConfig().bf16 is False and seen["cfg"].bf16 is True  # the recipe, not the defaults
     with pytest.raises(SystemExit):
         script.main(["--stage", "imagen-sr", "--recipe", "v2"])
+
+
+def test_a_grafted_decoder_starts_from_another_lineage_and_keeps_its_steps_and_hours(tmp_path):
+    """DALLE2_V2_PLAN's graft: a new CLIP and prior, then the decoder stage starts from a trained
+    donor's decoder, text_proj and SR weights at the donor's recorded step; the donor's decoder and
+    SR hours stay in the new lineage's training state."""
+    from imagen_lite.training.default import export_dalle2_checkpoint, graft_start, train_dalle2
+
+    # the donor: a tiny trained decoder pipeline with a training state
+    donor_plan = (dict(stage="decoder", max_steps=1, batch_size=2, warmup_steps=0),)
+    train_dalle2(tmp_path / "donor_cache", minutes=30, plan=donor_plan, start="tiny")
+    donor = export_dalle2_checkpoint(tmp_path / "donor_cache", tmp_path / "donor", plan=donor_plan)
+    state = D.read_training_state(donor)
+    state["decoder"].update(step=7, cpu_hours=1.5)
+    state["sr"] = {"step": 3, "cpu_hours": 0.25, "config": {}}
+    D.write_training_state(donor, state)
+
+    graft = dict(source=str(donor), components=D.GRAFT_COMPONENTS, stages=("decoder", "sr"))
+    plan = (dict(stage="clip", max_steps=2, batch_size=4, shapes_contrast_group=4, shapes_mixture={"position": 1.0}),
+            dict(stage="decoder", max_steps=9, batch_size=2, warmup_steps=0, graft=graft, phases={8: dict(lr=5e-5)}))  # fmt: skip
+    assert train_dalle2(tmp_path / "cache", minutes=30, plan=plan, start="tiny") == {"clip": 2, "decoder": 9}
+    seed = json.loads((tmp_path / "cache" / "decoder" / "warm_start.json").read_text())
+    assert seed["step"] == 7 and seed["from"] == str(tmp_path / "cache" / "decoder-graft")
+    grafted = tmp_path / "cache" / "decoder-graft"
+    # the donor's decoder (upcast to float32), the new stage's CLIP text tower
+    donor_w = load_file(str(next((donor / "decoder").glob("*.safetensors"))))
+    graft_w = load_file(str(next((grafted / "decoder").glob("*.safetensors"))))
+    assert {v.dtype for v in graft_w.values()} == {torch.float32}
+    assert all(torch.equal(graft_w[k], donor_w[k].float()) for k in donor_w)
+    clip_w = load_file(str(next((tmp_path / "cache" / "clip" / "text_encoder").glob("*.safetensors"))))
+    text_w = load_file(str(next((grafted / "text_encoder").glob("*.safetensors"))))
+    assert all(torch.equal(text_w[k], clip_w[k]) for k in clip_w)
+
+    out = export_dalle2_checkpoint(tmp_path / "cache", tmp_path / "v2", plan=plan)
+    shipped = D.read_training_state(out)
+    assert shipped["decoder"]["step"] == 9 and shipped["decoder"]["cpu_hours"] >= 1.5
+    assert shipped["sr"] == {"step": 3, "cpu_hours": 0.25, "config": {"grafted_from": str(donor)}}
+    assert shipped["clip"]["step"] == 2
+    with pytest.raises(ValueError, match=r"no training_state.json record of \['decoder', 'sr'\]"):
+        graft_start(dict(graft, stages=("decoder", "sr"), source=str(tmp_path / "donor_cache" / "decoder")),
+                    str(tmp_path / "cache" / "clip"), tmp_path / "other" / "decoder")  # fmt: skip
+
+
+def test_the_dalle2_v2_plan_is_well_formed():
+    from imagen_lite.training.default import DALLE2_V2_PLAN, dalle2_stage_config, phase_starts
+
+    stages = {item["stage"]: item for item in DALLE2_V2_PLAN}
+    assert list(stages) == ["clip", "prior", "decoder"]
+    assert stages["clip"]["batch_size"] % stages["clip"]["shapes_contrast_group"] == 0
+    for item in DALLE2_V2_PLAN:
+        dalle2_stage_config(item, Path("/tmp/unused"), "small").check()  # every stage's config passes its checks
+    decoder = stages["decoder"]
+    assert set(decoder["graft"]["stages"]) == {"decoder", "sr"}
+    shipped = D.read_training_state(imagen_lite.presets.WEIGHTS_DIR / "dalle2")
+    assert all(shipped["decoder"]["step"] < at < decoder["max_steps"] for at in phase_starts(decoder))

@@ -792,6 +792,29 @@ DALLE2_PLAN: tuple[dict, ...] = (
                  18000: dict(lr=1e-4)}),
 )
 
+# The DALL-E 2 v2 lineage (eleventh session): the v1 CLIP is blind to position (tenth session),
+# so no decoder on it could place objects. v2 trains a CLIP with hard negatives (contrast groups
+# of 4: a position/relation caption with its variants in one batch; 1,500 steps of it retrieved
+# the right position 16/16 where v1's CLIP gets chance, model card "Eleventh session"), longer
+# for relations, and a prior on it. The decoder does not start from scratch (8.4 wall hours in
+# v1): it is grafted -- v1's trained decoder, text_proj and (text-free) SR UNets put on the new
+# CLIP and prior -- and fine-tuned from v1's step 18,800: 600 steps to re-learn its
+# conditioning (the consolidation recipe), the range phase that made the Imagen base place
+# objects (1,400), then consolidation at lr 1e-4. The grafted stages' steps and hours stay in
+# the lineage's count (``graft`` below; ``dalle2_training_state``).
+CLIP_V2_MIXTURE = {"position": 0.45, "relation": 0.3, "single": 0.1, "two_objects": 0.1, "counting": 0.05}
+GRAFT_COMPONENTS = ("decoder", "text_proj", "super_res_first", "super_res_last")
+DALLE2_V2_PLAN: tuple[dict, ...] = (
+    dict(stage="clip", max_steps=4000, batch_size=64, lr=5e-4, shapes_contrast_group=4, shapes_mixture=CLIP_V2_MIXTURE),
+    dict(stage="prior", max_steps=2000, batch_size=32, lr=5e-4),
+    dict(stage="decoder", max_steps=21800, batch_size=32, lr=2e-4, snr_floor=1.0, timestep_bias_strategy="later",
+         timestep_bias_multiplier=10.0, timestep_bias_portion=0.2, shapes_mixture=LAYOUT_MIXTURE,
+         graft=dict(source="shipped", components=GRAFT_COMPONENTS, stages=("decoder", "sr")),
+         phases={19400: RANGE_PHASE, 20800: {**CONSOLIDATION_PHASE, "lr": 1e-4}}),
+)
+DALLE2_PLANS = {"v1": DALLE2_PLAN, "v2": DALLE2_V2_PLAN}
+PLAN_ONLY_KEYS = ("lr_drops", "phases", "graft")  # plan entries that are not TrainConfig fields
+
 
 def settings_at(item: dict, step: int) -> dict:
     """The run settings that plan ``item`` changes at stage step ``step``: ``lr`` from its
@@ -821,7 +844,7 @@ def dalle2_stage_config(plan: dict, cache: Path, previous: str):
     bad = {f for fields in (plan.get("phases") or {}).values() for f in fields} - RESUMABLE_CHANGES
     if bad:
         raise ValueError(f"plan {plan['stage']!r}: phases may change only {sorted(RESUMABLE_CHANGES)}, not {sorted(bad)}")
-    common.update({k: v for k, v in plan.items() if k not in ("lr_drops", "phases")})
+    common.update({k: v for k, v in plan.items() if k not in PLAN_ONLY_KEYS})
     return TrainConfig(out=str(Path(cache) / plan["stage"]), **common)
 
 
@@ -841,6 +864,37 @@ def dalle2_seed(out: Path, shipped: dict | None = None, stage: str | None = None
         return None
     return {"step": int(shipped[stage]["step"]), "from": str(warm_start),
             "cpu_hours": float(shipped[stage].get("cpu_hours", 0.0))}  # fmt: skip
+
+
+def graft_start(graft: dict, previous: str, out: Path) -> dict:
+    """Start a stage from the pipeline ``previous`` with ``graft["components"]`` taken from another
+    trained DALL-E 2 pipeline (``graft["source"]``: a directory, or "shipped" for the package's
+    default): writes ``out.parent / f"{stage}-graft"`` (float32) and returns the stage's seed,
+    ``{"step", "from", "cpu_hours", "grafted"}`` -- step and hours of the source's record for
+    this stage, and in ``grafted`` the records of the other stages it brings (``graft["stages"]``),
+    so the lineage keeps counting their hours."""
+    from .. import presets
+    from ..pipelines.unclip import UnCLIPLitePipeline
+
+    source = presets.WEIGHTS_DIR / "dalle2" if graft["source"] == "shipped" else Path(graft["source"])
+    state = read_training_state(source)
+    stage = Path(out).name
+    missing = [s for s in graft["stages"] if s not in state]
+    if missing:
+        raise ValueError(f"graft source {str(source)!r} has no {TRAINING_STATE_FILE} record of {missing}; "
+                         f"it cannot seed the {stage} stage")  # fmt: skip
+    target = Path(out).parent / f"{stage}-graft"
+    tmp = Path(tempfile.mkdtemp(dir=Path(out).parent, prefix=f".{stage}-graft-"))
+    shutil.copytree(previous, tmp, dirs_exist_ok=True)
+    donor = UnCLIPLitePipeline.from_pretrained(source, torch_dtype=torch.float32, use_safetensors=True)
+    for name in graft["components"]:
+        shutil.rmtree(tmp / name, ignore_errors=True)
+        getattr(donor, name).to(torch.float32).save_pretrained(tmp / name, safe_serialization=True)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # complete or absent: a kill mid-copy leaves only a hidden temp folder
+    record = {s: {"step": int(state[s]["step"]), "cpu_hours": float(state[s].get("cpu_hours", 0.0))} for s in graft["stages"]}
+    return {"step": record[stage]["step"], "cpu_hours": record[stage]["cpu_hours"], "from": str(target),
+            "grafted": {"source": str(source), "stages": {s: r for s, r in record.items() if s != stage}}}  # fmt: skip
 
 
 def dalle2_hours(cache: Path) -> dict:
@@ -901,6 +955,8 @@ def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN
     for item in plan:
         cfg = dalle2_stage_config(item, cache, previous)
         seed = dalle2_seed(Path(cfg.out), shipped, cfg.stage, warm_start)
+        if seed is None and item.get("graft") and latest_step(cfg.out) is None:
+            seed = graft_start(item["graft"], previous, Path(cfg.out))
         offset = seed["step"] if seed else 0
         if seed:  # recorded even for a stage the shipped weights finished, so its step and hours ship again
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -984,4 +1040,7 @@ def dalle2_training_state(cache: Path, plan=DALLE2_PLAN) -> dict:
         state[item["stage"]] = {"step": seed.get("step", 0) + (latest_step(out) or 0),
                                 "cpu_hours": round(seed.get("cpu_hours", 0.0) + hours.get(item["stage"], 0.0), 4),
                                 "config": _comparable(item)}  # fmt: skip
+        grafted = seed.get("grafted") or {}
+        for stage, record in grafted.get("stages", {}).items():  # trained elsewhere, shipped with this lineage
+            state[stage] = {**record, "config": {"grafted_from": grafted["source"]}}
     return state
