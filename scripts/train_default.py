@@ -17,7 +17,7 @@ directory (imagen_lite/weights/imagen ships it). The log and the shapes-accuracy
 
 import argparse
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from imagen_lite import presets
@@ -25,7 +25,6 @@ from imagen_lite.training.default import (
     BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, TRAINING_STATE_FILE, WIP_DIR, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint,
     resumed_config, train_base_plan, train_dalle2, train_sr,
 )  # fmt: skip
-from dataclasses import replace
 from imagen_lite.training.checkpoint import resolve_resume
 
 # Run configs of the Imagen stages; "dalle2" chains clip -> prior -> sr -> decoder with the

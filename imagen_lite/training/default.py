@@ -182,8 +182,9 @@ BASE_PHASE_FIELDS = frozenset(
 V2_MIXTURE = {"single": 0.1, "position": 0.2, "two_objects": 0.25, "relation": 0.25, "counting": 0.2}
 BASE_RECIPES = {
     "v1": {},
+    # lr 5e-4, then 2e-4 from 8,000 and 1e-4 from 14,000 (v1's lr drops paid: model card)
     "v2": dict(bf16=True, snr_floor=1.0, mixture=V2_MIXTURE, timestep_bias_strategy="later",
-               timestep_bias_multiplier=2.0, eval_every=1000),
+               timestep_bias_multiplier=2.0, eval_every=1000, phases={"8000": {"lr": 2e-4}, "14000": {"lr": 1e-4}}),
 }  # fmt: skip
 
 
