@@ -7,6 +7,8 @@
 
 imagen: the newest base checkpoint's EMA (``train_default/imagen-base``) + the newest SR
 checkpoint's EMA (``train_default/imagen-sr``) -> ``imagen_lite/weights/imagen``.
+``--recipe v2`` ships the v2 lineage instead (``train_default/<stage>-v2``; an Imagen base
+with no SR of its own carries the shipped SR), ``--out DIR`` writes a candidate elsewhere.
 dalle2: the newest decoder checkpoint of the chained run (``train_default/dalle2``) on top of
 its sr stage's pipeline (CLIP, prior, text_proj, SR) -> ``imagen_lite/weights/dalle2``, with
 its CLIP vision tower (``image_encoder/``) for ``encode_images`` and CLIP scores.
@@ -27,7 +29,10 @@ import tempfile
 from pathlib import Path
 
 from imagen_lite import presets
-from imagen_lite.training.default import DEFAULT_CACHE, export_base_checkpoint, export_dalle2_checkpoint, export_sr_checkpoint
+from imagen_lite.training.checkpoint import list_checkpoints
+from imagen_lite.training.default import (
+    DALLE2_PLANS, DEFAULT_CACHE, export_base_checkpoint, export_cascade_carrying_sr, export_dalle2_checkpoint, export_sr_checkpoint,
+)  # fmt: skip
 
 
 def numbers(text: str, kind):
@@ -42,17 +47,27 @@ def swap_in(tmp: Path, out: Path) -> Path:
     return out
 
 
-def ship_imagen(cache: Path, out: Path, defaults: dict) -> Path:
+def lineage(stage: str, recipe: str) -> str:
+    return stage if recipe == "v1" else f"{stage}-{recipe}"
+
+
+def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1") -> Path:
+    """The base of ``recipe``'s lineage + its own SR; a lineage with no SR checkpoint of its own
+    carries the shipped cascade's SR (``export_cascade_carrying_sr``)."""
+    sr_cache = cache / lineage("imagen-sr", recipe)
     with tempfile.TemporaryDirectory() as work:
-        base = export_base_checkpoint(cache / "imagen-base", Path(work) / "base")
+        base = export_base_checkpoint(cache / lineage("imagen-base", recipe), Path(work) / "base")
         tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
-        export_sr_checkpoint(cache / "imagen-sr", base, tmp, defaults=defaults)
+        if recipe != "v1" and not list_checkpoints(sr_cache):
+            export_cascade_carrying_sr(base, presets.WEIGHTS_DIR / "imagen", tmp, defaults=defaults)
+        else:
+            export_sr_checkpoint(sr_cache, base, tmp, defaults=defaults)
     return swap_in(tmp, out)
 
 
-def ship_dalle2(cache: Path, out: Path, defaults: dict) -> Path:
+def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
-    export_dalle2_checkpoint(cache / "dalle2", tmp, defaults=defaults)
+    export_dalle2_checkpoint(cache / lineage("dalle2", recipe), tmp, defaults=defaults, plan=DALLE2_PLANS[recipe])
     return swap_in(tmp, out)
 
 
@@ -66,6 +81,10 @@ def main(argv=None):
     p.add_argument("--sr-strength", type=float, default=None,
                    help="imagen: img2img start of the SR stage, (0, 1] (default 1: from pure noise)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--recipe", choices=sorted(DALLE2_PLANS), default="v1",
+                   help="the lineage to ship (scripts/train_default.py --recipe): its cache folders <stage>-<recipe>")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the directory here instead of into the package (a candidate to evaluate first)")
     p.add_argument("--defaults-only", action="store_true",
                    help="rewrite only the shipped directory's generation defaults (weights untouched)")
     args = p.parse_args(argv)
@@ -76,7 +95,7 @@ def main(argv=None):
     elif args.sr_strength is not None:
         p.error(f"--sr-strength {args.sr_strength} applies to --family imagen only (the DALL-E 2 SR has no such start)")
     preset = presets.DEFAULT_IMAGEN if args.family == "imagen" else presets.DEFAULT_DALLE2
-    out = Path(preset.components["dir"])
+    out = args.out or Path(preset.components["dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.defaults_only:  # e.g. a guidance study changed the defaults, not the weights
         if not (out / presets.DEFAULTS_FILE).is_file():
@@ -85,7 +104,7 @@ def main(argv=None):
         print(f"{out / presets.DEFAULTS_FILE}: {defaults}")
         return
     ship = ship_imagen if args.family == "imagen" else ship_dalle2
-    path = ship(args.cache, out, defaults)
+    path = ship(args.cache, out, defaults, args.recipe)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"{path}: {size / 2**20:.1f} MiB")
 

@@ -524,3 +524,35 @@ def test_the_dalle2_v2_plan_is_well_formed():
     assert set(decoder["graft"]["stages"]) == {"decoder", "sr"}
     shipped = D.read_training_state(imagen_lite.presets.WEIGHTS_DIR / "dalle2")
     assert all(shipped["decoder"]["step"] < at < decoder["max_steps"] for at in phase_starts(decoder))
+
+
+def test_a_v2_base_ships_carrying_the_shipped_sr(tmp_path, monkeypatch):
+    """ship_default --recipe v2 --out: the v2 base's EMA under the shipped cascade's SR UNet, whose
+    training record comes along; the result loads and draws at 256 px."""
+    import runpy
+
+    from imagen_lite import load_pipeline, presets
+
+    cfg = tiny_base_cfg()
+    D.train_base(cfg, tmp_path / "v1base", minutes=10, resume=None, max_steps=1, export_dir=tmp_path / "base")
+    D.train_sr(tiny_sr_cfg(), tmp_path / "base", tmp_path / "v1sr", minutes=10, resume=None, max_steps=1,
+               export_dir=tmp_path / "weights" / "imagen")  # fmt: skip
+    D.train_base(cfg, tmp_path / "cache" / "imagen-base-v2", minutes=10, resume=None, max_steps=2)
+    monkeypatch.setattr(presets, "WEIGHTS_DIR", tmp_path / "weights")
+    ship = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ship_default.py"), run_name="ship")
+    ship["main"](["--family", "imagen", "--recipe", "v2", "--steps", "2,2", "--guidance", "1,1", "--scheduler", "ddpm",
+                  "--sr-strength", "0.5", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "cand")])  # fmt: skip
+    state = D.read_training_state(tmp_path / "cand")
+    assert state["imagen-base"]["step"] == 2
+    assert state["imagen-sr"]["step"] == 1 and state["imagen-sr"]["config"]["carried_from"] == str(tmp_path / "weights" / "imagen")
+    shipped_sr = load_file(str(next((tmp_path / "weights" / "imagen" / "sr_unet").glob("*.safetensors"))))
+    carried_sr = load_file(str(next((tmp_path / "cand" / "sr_unet").glob("*.safetensors"))))
+    assert all(torch.equal(shipped_sr[k], carried_sr[k]) for k in shipped_sr)
+    v2_ema = load_file(str(list_checkpoints(tmp_path / "cache" / "imagen-base-v2")[-1] / "ema.safetensors"))
+    unet = load_file(str(next((tmp_path / "cand" / "unet").glob("*.safetensors"))))
+    assert torch.allclose(unet["conv_in.weight"].float(), v2_ema["module.unet.conv_in.weight"], atol=1e-3)
+    pipe = load_pipeline("imagen", model=str(tmp_path / "cand"), device="cpu", dtype="float32")
+    out = pipe(["a red circle"], num_inference_steps=(2, 2), output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape[1:3] == (256, 256)
+    with pytest.raises(ValueError, match="has no SR stage"):
+        D.export_cascade_carrying_sr(tmp_path / "base", tmp_path / "base", tmp_path / "bad")

@@ -683,6 +683,23 @@ def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict 
     return out_dir
 
 
+def export_cascade_carrying_sr(base_dir, sr_source, out_dir, defaults: dict | None = None):
+    """base pipeline dir + the SR stage of another exported cascade (``sr_source``, e.g. the shipped
+    one) -> one ImagenPipeline directory; the SR's training-state record comes along. How a new
+    base lineage (v2) ships before it has an SR of its own: the SR reads the base's T5 states but
+    trained with captions dropped half the time, and starts from the upsampled base image."""
+    from diffusers import UNet2DConditionModel
+
+    sr_source = Path(sr_source)
+    state = read_training_state(sr_source).get("imagen-sr")
+    if state is None or not (sr_source / "sr_unet").is_dir():
+        raise ValueError(f"{str(sr_source)!r} has no SR stage (sr_unet/ and a {TRAINING_STATE_FILE} 'imagen-sr' record) to carry")
+    sr_unet = UNet2DConditionModel.from_pretrained(sr_source / "sr_unet", torch_dtype=torch.float32)
+    cfg = run_config(state["config"], SRRunConfig)
+    record = {**state, "config": {**state["config"], "carried_from": str(sr_source)}}
+    return export_cascade(base_dir, sr_unet, cfg, out_dir, defaults, training_state={"imagen-sr": record})
+
+
 def run_config(saved: dict, config_cls):
     """A saved run config read back as ``config_cls``: fields the class no longer has are
     dropped, fields added since keep their defaults."""
