@@ -180,11 +180,24 @@ BASE_PHASE_FIELDS = frozenset(
 #   the UNet step is 0.365 s against 0.405 s in float32 (on AVX2-only machines it is 3x slower:
 #   --set bf16=false there).
 V2_MIXTURE = {"single": 0.1, "position": 0.2, "two_objects": 0.25, "relation": 0.25, "counting": 0.2}
+# The range phase's captions: positions and relations only (v1's base, sixth session; the DALL-E 2 decoder's too).
+RANGE_MIXTURE = {"position": 0.7, "relation": 0.3}
+# v1's range phase: 84% of the draws in t [850, 1000), where a layout is decided, lr 5e-4. In v1 it
+# made positions appear (20% -> 85% with the consolidation after it) where lr drops had not.
+BASE_RANGE_PHASE = dict(lr=5e-4, timestep_bias_strategy="range", timestep_bias_multiplier=30.0, timestep_bias_begin=850,
+                        timestep_bias_end=1000, mixture=RANGE_MIXTURE)  # fmt: skip
+# v1's consolidation ("later" 0.2 x 10: 71% of the draws at t >= 800) with v2's weak kinds weighted
+BASE_CONSOLIDATION_PHASE = dict(lr=2e-4, timestep_bias_strategy="later", timestep_bias_multiplier=10.0,
+                                timestep_bias_portion=0.2, timestep_bias_begin=0, timestep_bias_end=None,
+                                mixture={"single": 0.1, "position": 0.3, "two_objects": 0.2, "relation": 0.25, "counting": 0.15})  # fmt: skip
 BASE_RECIPES = {
     "v1": {},
-    # lr 5e-4, then 2e-4 from 8,000 and 1e-4 from 14,000 (v1's lr drops paid: model card)
+    # lr 5e-4 to 6,200, where the curve (40 prompts) had sat at 35-37% for 3,000 steps with
+    # positions 12-37% and relations 0; then v1's range phase (1,400 steps), its consolidation
+    # at 2e-4, and 1e-4 from 10,000 (v1's lr drops paid: model card)
     "v2": dict(bf16=True, snr_floor=1.0, mixture=V2_MIXTURE, timestep_bias_strategy="later",
-               timestep_bias_multiplier=2.0, eval_every=1000, phases={"8000": {"lr": 2e-4}, "14000": {"lr": 1e-4}}),
+               timestep_bias_multiplier=2.0, eval_every=1000,
+               phases={"6200": BASE_RANGE_PHASE, "7600": BASE_CONSOLIDATION_PHASE, "10000": {"lr": 1e-4}}),
 }  # fmt: skip
 
 
@@ -763,8 +776,6 @@ def export_sr_checkpoint(cache: Path, base_dir: Path, out_dir: Path, checkpoint:
 # The layout phase's caption mixture (sixth session; the stream's default is uniform over the
 # kinds): positions and relations are what both families still draw at chance.
 LAYOUT_MIXTURE = {"single": 0.1, "position": 0.4, "two_objects": 0.1, "relation": 0.25, "counting": 0.15}
-# The range phase's captions (the Imagen base's, sixth session): positions and relations only.
-RANGE_MIXTURE = {"position": 0.7, "relation": 0.3}
 RANGE_PHASE = dict(lr=5e-4, timestep_bias_strategy="range", timestep_bias_multiplier=30.0, timestep_bias_begin=850,
                    timestep_bias_end=1000, shapes_mixture=RANGE_MIXTURE)  # fmt: skip
 CONSOLIDATION_PHASE = dict(lr=2e-4, timestep_bias_strategy="later", timestep_bias_multiplier=10.0,
