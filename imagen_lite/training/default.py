@@ -193,11 +193,12 @@ BASE_CONSOLIDATION_PHASE = dict(lr=2e-4, timestep_bias_strategy="later", timeste
 BASE_RECIPES = {
     "v1": {},
     # lr 5e-4 to 6,200, where the curve (40 prompts) had sat at 35-37% for 3,000 steps with
-    # positions 12-37% and relations 0; then v1's range phase (1,400 steps), its consolidation
-    # at 2e-4, and 1e-4 from 10,000 (v1's lr drops paid: model card)
+    # positions 12-37% and relations 0; then v1's range phase (2,400 steps: at 7,400 the raw
+    # weights still ignored position words, as v1's did for its first ~1,000-1,600), its
+    # consolidation at 2e-4, and 1e-4 from 10,600 (v1's lr drops paid: model card)
     "v2": dict(bf16=True, snr_floor=1.0, mixture=V2_MIXTURE, timestep_bias_strategy="later",
                timestep_bias_multiplier=2.0, eval_every=1000,
-               phases={"6200": BASE_RANGE_PHASE, "7600": BASE_CONSOLIDATION_PHASE, "10000": {"lr": 1e-4}}),
+               phases={"6200": BASE_RANGE_PHASE, "8600": BASE_CONSOLIDATION_PHASE, "10600": {"lr": 1e-4}}),
 }  # fmt: skip
 
 
