@@ -777,8 +777,8 @@ def export_sr_checkpoint(cache: Path, base_dir: Path, out_dir: Path, checkpoint:
 # The layout phase's caption mixture (sixth session; the stream's default is uniform over the
 # kinds): positions and relations are what both families still draw at chance.
 LAYOUT_MIXTURE = {"single": 0.1, "position": 0.4, "two_objects": 0.1, "relation": 0.25, "counting": 0.15}
-RANGE_PHASE = dict(lr=5e-4, timestep_bias_strategy="range", timestep_bias_multiplier=30.0, timestep_bias_begin=850,
-                   timestep_bias_end=1000, shapes_mixture=RANGE_MIXTURE)  # fmt: skip
+# The same phases for the generic loop's stages, whose caption mixture is ``shapes_mixture``.
+RANGE_PHASE = {**{k: v for k, v in BASE_RANGE_PHASE.items() if k != "mixture"}, "shapes_mixture": RANGE_MIXTURE}
 CONSOLIDATION_PHASE = dict(lr=2e-4, timestep_bias_strategy="later", timestep_bias_multiplier=10.0,
                            timestep_bias_portion=0.2, timestep_bias_begin=0, timestep_bias_end=None,
                            shapes_mixture=LAYOUT_MIXTURE)  # fmt: skip
@@ -839,6 +839,7 @@ DALLE2_V2_PLAN: tuple[dict, ...] = (
     dict(stage="prior", max_steps=2000, batch_size=32, lr=5e-4),
     dict(stage="decoder", max_steps=21800, batch_size=32, lr=2e-4, snr_floor=1.0, timestep_bias_strategy="later",
          timestep_bias_multiplier=10.0, timestep_bias_portion=0.2, shapes_mixture=LAYOUT_MIXTURE,
+         # "shipped": the package's DALL-E 2 default when the stage starts -- v1's, while v2 does not ship
          graft=dict(source="shipped", components=GRAFT_COMPONENTS, stages=("decoder", "sr")),
          phases={19400: RANGE_PHASE, 20800: {**CONSOLIDATION_PHASE, "lr": 1e-4}}),
 )
