@@ -32,6 +32,7 @@ from imagen_lite import presets
 from imagen_lite.training.checkpoint import list_checkpoints
 from imagen_lite.training.default import (
     DALLE2_PLANS, DEFAULT_CACHE, export_base_checkpoint, export_cascade_carrying_sr, export_dalle2_checkpoint, export_sr_checkpoint,
+    lineage_name,
 )  # fmt: skip
 
 
@@ -47,16 +48,12 @@ def swap_in(tmp: Path, out: Path) -> Path:
     return out
 
 
-def lineage(stage: str, recipe: str) -> str:
-    return stage if recipe == "v1" else f"{stage}-{recipe}"
-
-
 def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1") -> Path:
     """The base of ``recipe``'s lineage + its own SR; a lineage with no SR checkpoint of its own
     carries the shipped cascade's SR (``export_cascade_carrying_sr``)."""
-    sr_cache = cache / lineage("imagen-sr", recipe)
+    sr_cache = cache / lineage_name("imagen-sr", recipe)
     with tempfile.TemporaryDirectory() as work:
-        base = export_base_checkpoint(cache / lineage("imagen-base", recipe), Path(work) / "base")
+        base = export_base_checkpoint(cache / lineage_name("imagen-base", recipe), Path(work) / "base")
         tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
         if recipe != "v1" and not list_checkpoints(sr_cache):
             export_cascade_carrying_sr(base, presets.WEIGHTS_DIR / "imagen", tmp, defaults=defaults)
@@ -67,7 +64,7 @@ def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1") -> P
 
 def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
-    export_dalle2_checkpoint(cache / lineage("dalle2", recipe), tmp, defaults=defaults, plan=DALLE2_PLANS[recipe])
+    export_dalle2_checkpoint(cache / lineage_name("dalle2", recipe), tmp, defaults=defaults, plan=DALLE2_PLANS[recipe])
     return swap_in(tmp, out)
 
 

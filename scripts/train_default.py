@@ -23,7 +23,7 @@ from pathlib import Path
 from imagen_lite import presets
 from imagen_lite.training.default import (
     BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, TRAINING_STATE_FILE, WIP_DIR, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint,
-    resumed_config, train_base_plan, train_dalle2, train_sr,
+    lineage_name, resumed_config, train_base_plan, train_dalle2, train_sr,
 )  # fmt: skip
 from imagen_lite.training.checkpoint import resolve_resume
 
@@ -60,7 +60,7 @@ def main(argv=None):
     recipes = {"imagen-base": BASE_RECIPES, "dalle2": DALLE2_PLANS}.get(args.stage, {"v1": None})
     if args.recipe not in recipes:
         p.error(f"--recipe {args.recipe}: --stage {args.stage} has the lineages {sorted(recipes)}")
-    lineage = args.stage if args.recipe == "v1" else f"{args.stage}-{args.recipe}"
+    lineage = lineage_name(args.stage, args.recipe)
     cache = args.cache or DEFAULT_CACHE / lineage
     family = "dalle2" if args.stage == "dalle2" else "imagen"
     # a lineage other than the shipped one warm-starts from its own work-in-progress weights (wip/)

@@ -424,8 +424,10 @@ def test_a_base_plan_changes_lr_and_mixture_at_the_steps_its_phases_name(tmp_pat
 
     mix = {"position": 1.0}
     cfg = tiny_base_cfg(phases={2: {"lr": 1e-4}, "4": {"mixture": mix, "snr_floor": 1.0}})
-    out = D.train_base_plan(cfg, tmp_path / "run", minutes=10, resume=None, max_steps=5)
+    out = D.train_base_plan(cfg, tmp_path / "run", minutes=10, resume=None, max_steps=5, export_dir=tmp_path / "pipe")
     assert out["step"] == 5
+    exported = D.read_training_state(tmp_path / "pipe")["imagen-base"]  # the last chunk's checkpoint, exported once
+    assert exported["step"] == 5 and exported["config"]["mixture"] == {"position": 1.0}
     configs = {int(p.name.split("_")[1]): json.loads((p / "config.json").read_text()) for p in list_checkpoints(tmp_path / "run")}
     assert configs[2]["lr"] == cfg.lr and configs[4]["lr"] == 1e-4 and configs[5]["lr"] == 1e-4
     assert configs[4]["mixture"] == cfg.mixture and configs[5]["mixture"] == mix and configs[5]["snr_floor"] == 1.0

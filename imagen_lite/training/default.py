@@ -58,6 +58,12 @@ TRAINING_STATE_FILE = "training_state.json"  # per stage {step, cpu_hours, confi
 # Work-in-progress weights of a lineage that does not ship yet (fp16 exports with training_state.json,
 # committed so the next session resumes it on a new machine); outside the package.
 WIP_DIR = Path(__file__).resolve().parents[2] / "wip"
+
+
+def lineage_name(stage: str, recipe: str) -> str:
+    """The cache (and wip/) folder name of ``stage`` in lineage ``recipe``: "imagen-base" for v1,
+    the lineage that ships; "imagen-base-v2" for v2."""
+    return stage if recipe == "v1" else f"{stage}-{recipe}"
 WARM_START_FILE = "warm_start.json"  # in a DALL-E 2 stage folder seeded by shipped weights: {step, from, cpu_hours}
 ARCHITECTURE_FIELDS = {"imagen-base": ("t5", "unet", "unshuffle_factor", "max_length", "coord_channels"),
                        "imagen-sr": ("unet", "unshuffle_factor")}  # fmt: skip
@@ -495,10 +501,10 @@ def train_base_plan(cfg: BaseRunConfig, cache: Path, minutes: float, resume: str
         left = (deadline - time.time()) / 60
         last = stop is None or stop == max_steps or left <= 0.05
         chunk = replace(cfg, **settings_at(plan, step))
-        result = train_base(chunk, cache, max(left, 0.0), resume, export_dir if last else None, stop, warm_start=warm_start)
+        result = train_base(chunk, cache, max(left, 0.0), resume, None, stop, warm_start=warm_start)
         resume = "latest"
         if last or result["step"] < stop:  # out of time (or the last phase ran to max_steps)
-            if not last and export_dir is not None:
+            if export_dir is not None:  # the EMA of the checkpoint the last chunk ended with
                 export_base_checkpoint(cache, export_dir)
             return result
 
@@ -920,7 +926,7 @@ def graft_start(graft: dict, previous: str, out: Path) -> dict:
     donor = UnCLIPLitePipeline.from_pretrained(source, torch_dtype=torch.float32, use_safetensors=True)
     for name in graft["components"]:
         shutil.rmtree(tmp / name, ignore_errors=True)
-        getattr(donor, name).to(torch.float32).save_pretrained(tmp / name, safe_serialization=True)
+        getattr(donor, name).save_pretrained(tmp / name, safe_serialization=True)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # complete or absent: a kill mid-copy leaves only a hidden temp folder
     record = {s: {"step": int(state[s]["step"]), "cpu_hours": float(state[s].get("cpu_hours", 0.0))} for s in graft["stages"]}
