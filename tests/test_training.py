@@ -483,3 +483,21 @@ def test_a_clip_batch_with_contrast_groups_holds_each_caption_with_its_position_
     cfg.check()
     out = train(cfg)
     assert json.loads((out / "checkpoints" / "step_000002" / "config.json").read_text())["shapes_contrast_group"] == 4
+
+
+def test_shapes_batches_are_drawn_at_their_largest_side():
+    """A 64 px batch of the shapes stream is the spec's 64 px render exactly (not a bicubic
+    downsample of a 256 px one); a 64 + 256 px batch (the SR stage) is drawn at 256."""
+    from imagen_lite.data.shapes import render
+    from imagen_lite.training.data import Batches
+
+    source = open_source("shapes")
+    batch = Batches(source, {"pixel_values": 64}, batch_size=2, data_seed=0)(micro_step=1)
+    for j, i in enumerate(indices_for(1, 0, 1, 2, None, 0)):
+        want = torch.from_numpy(render(source.dataset.scene(i), 64)).permute(2, 0, 1).float() / 127.5 - 1
+        assert torch.allclose(batch["pixel_values"][j], want, atol=1e-6)
+        assert batch["text"][j] == source.caption(i)
+    pair = Batches(source, {"pixel_values": 256, "low": 64}, batch_size=2, data_seed=0)(micro_step=1)
+    high = torch.from_numpy(render(source.dataset.scene(indices_for(1, 0, 1, 2, None, 0)[0]), 256)).permute(2, 0, 1)
+    assert torch.allclose(pair["pixel_values"][0], high.float() / 127.5 - 1, atol=1e-6)
+    assert pair["low"].shape == (2, 3, 64, 64)
