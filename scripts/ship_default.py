@@ -32,7 +32,7 @@ from imagen_lite import presets
 from imagen_lite.training.checkpoint import list_checkpoints
 from imagen_lite.training.default import (
     DALLE2_PLANS, DEFAULT_CACHE, export_base_checkpoint, export_cascade_carrying_sr, export_dalle2_checkpoint, export_sr_checkpoint,
-    lineage_name,
+    lineage_name, record_recipe,
 )  # fmt: skip
 
 
@@ -57,14 +57,17 @@ def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1") -> P
         tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
         if recipe != "v1" and not list_checkpoints(sr_cache):
             export_cascade_carrying_sr(base, presets.WEIGHTS_DIR / "imagen", tmp, defaults=defaults)
+            record_recipe(tmp, ["imagen-base"], recipe)  # the carried SR keeps its own lineage's record
         else:
             export_sr_checkpoint(sr_cache, base, tmp, defaults=defaults)
+            record_recipe(tmp, ["imagen-base", "imagen-sr"], recipe)
     return swap_in(tmp, out)
 
 
 def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
     export_dalle2_checkpoint(cache / lineage_name("dalle2", recipe), tmp, defaults=defaults, plan=DALLE2_PLANS[recipe])
+    record_recipe(tmp, [p["stage"] for p in DALLE2_PLANS[recipe]] + ["sr"], recipe)
     return swap_in(tmp, out)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from imagen_lite import presets
 from imagen_lite.training.default import (
     BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, TRAINING_STATE_FILE, WIP_DIR, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint,
-    lineage_name, resumed_config, train_base_plan, train_dalle2, train_sr,
+    lineage_name, resumed_config, shipped_recipe, train_base_plan, train_dalle2, train_sr,
 )  # fmt: skip
 from imagen_lite.training.checkpoint import resolve_resume
 
@@ -63,8 +63,11 @@ def main(argv=None):
     lineage = lineage_name(args.stage, args.recipe)
     cache = args.cache or DEFAULT_CACHE / lineage
     family = "dalle2" if args.stage == "dalle2" else "imagen"
-    # a lineage other than the shipped one warm-starts from its own work-in-progress weights (wip/)
-    shipped = presets.WEIGHTS_DIR / family if args.recipe == "v1" else WIP_DIR / lineage
+    # the lineage that ships (its stage record's "recipe", v1 when unrecorded) warm-starts from the
+    # package; any other lineage from its own work-in-progress weights (wip/<lineage>), if any
+    record = {"imagen-base": "imagen-base", "imagen-sr": "imagen-sr", "dalle2": "decoder"}[args.stage]
+    shipped_here = shipped_recipe(presets.WEIGHTS_DIR / family, record) == args.recipe
+    shipped = presets.WEIGHTS_DIR / family if shipped_here else WIP_DIR / lineage
     warm_start = {"none": None, "shipped": shipped}.get(args.warm_start, Path(args.warm_start))
     if warm_start is not None and not (warm_start / TRAINING_STATE_FILE).is_file():
         if args.warm_start != "shipped":

@@ -472,6 +472,21 @@ def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatc
     with pytest.raises(SystemExit):
         script.main(["--stage", "imagen-sr", "--recipe", "v2"])
 
+    # once v2 ships (its record says so), v2 warm-starts from the package and v1 only from its wip/
+    shipped = tmp_path / "weights" / "imagen"
+    shipped.mkdir(parents=True)
+    D.write_training_state(shipped, {"imagen-base": {"step": 5, "cpu_hours": 0.1, "config": {}}})
+    D.record_recipe(shipped, ["imagen-base"], "v2")
+    monkeypatch.setattr(imagen_lite.presets, "WEIGHTS_DIR", tmp_path / "weights")
+    script.main(["--stage", "imagen-base", "--recipe", "v2", "--cache", str(tmp_path / "c2"), "--minutes", "1"])
+    assert seen["warm_start"] == shipped
+    script.main(["--stage", "imagen-base", "--recipe", "v1", "--cache", str(tmp_path / "c1"), "--minutes", "1"])
+    assert seen["warm_start"] is None  # no wip/imagen-base: from scratch, never from v2's weights
+    (tmp_path / "wip" / "imagen-base").mkdir(parents=True)
+    D.write_training_state(tmp_path / "wip" / "imagen-base", {"imagen-base": {"step": 3, "cpu_hours": 0.1, "config": {}}})
+    script.main(["--stage", "imagen-base", "--recipe", "v1", "--cache", str(tmp_path / "c3"), "--minutes", "1"])
+    assert seen["warm_start"] == tmp_path / "wip" / "imagen-base"
+
 
 def test_a_grafted_decoder_starts_from_another_lineage_and_keeps_its_steps_and_hours(tmp_path):
     """DALLE2_V2_PLAN's graft: a new CLIP and prior, then the decoder stage starts from a trained
@@ -509,6 +524,11 @@ def test_a_grafted_decoder_starts_from_another_lineage_and_keeps_its_steps_and_h
     assert shipped["decoder"]["step"] == 9 and shipped["decoder"]["cpu_hours"] >= 1.5
     assert shipped["sr"] == {"step": 3, "cpu_hours": 0.25, "config": {"grafted_from": str(donor)}}
     assert shipped["clip"]["step"] == 2
+    # a graft that asks for a lineage refuses a source of another one (v2 once it ships)
+    D.record_recipe(donor, ["decoder", "sr"], "v2")
+    with pytest.raises(ValueError, match=r"holds lineage 'v2', but the plan grafts 'v1'"):
+        graft_start(dict(graft, recipe="v1"), str(tmp_path / "cache" / "clip"), tmp_path / "other2" / "decoder")
+    assert not (tmp_path / "other2").exists()
     with pytest.raises(ValueError, match=r"no training_state.json record of \['decoder', 'sr'\]"):
         graft_start(dict(graft, stages=("decoder", "sr"), source=str(tmp_path / "donor_cache" / "decoder")),
                     str(tmp_path / "cache" / "clip"), tmp_path / "other" / "decoder")  # fmt: skip
@@ -524,8 +544,8 @@ def test_the_dalle2_v2_plan_is_well_formed():
         dalle2_stage_config(item, Path("/tmp/unused"), "small").check()  # every stage's config passes its checks
     decoder = stages["decoder"]
     assert set(decoder["graft"]["stages"]) == {"decoder", "sr"}
-    shipped = D.read_training_state(imagen_lite.presets.WEIGHTS_DIR / "dalle2")
-    assert all(shipped["decoder"]["step"] < at < decoder["max_steps"] for at in phase_starts(decoder))
+    assert decoder["graft"]["recipe"] == "v1"  # v1's decoder, never the v2 default that now ships
+    assert all(18800 < at < decoder["max_steps"] for at in phase_starts(decoder))  # after the v1 decoder's last step
 
 
 def test_a_v2_base_ships_carrying_the_shipped_sr(tmp_path, monkeypatch):
@@ -547,6 +567,8 @@ def test_a_v2_base_ships_carrying_the_shipped_sr(tmp_path, monkeypatch):
     state = D.read_training_state(tmp_path / "cand")
     assert state["imagen-base"]["step"] == 2
     assert state["imagen-sr"]["step"] == 1 and state["imagen-sr"]["config"]["carried_from"] == str(tmp_path / "weights" / "imagen")
+    assert D.shipped_recipe(tmp_path / "cand", "imagen-base") == "v2"  # its lineage, recorded for warm starts
+    assert "recipe" not in state["imagen-sr"]  # the carried SR keeps the v1 record it came with
     shipped_sr = load_file(str(next((tmp_path / "weights" / "imagen" / "sr_unet").glob("*.safetensors"))))
     carried_sr = load_file(str(next((tmp_path / "cand" / "sr_unet").glob("*.safetensors"))))
     assert all(torch.equal(shipped_sr[k], carried_sr[k]) for k in shipped_sr)

@@ -84,6 +84,19 @@ def write_training_state(directory, stages: dict) -> None:
     (Path(directory) / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
+def shipped_recipe(directory, stage: str) -> str:
+    """The lineage (``--recipe``) of ``stage``'s weights in an exported directory: its record's
+    ``"recipe"``; "v1" for a record without one (ships before the twelfth session, all v1)."""
+    return read_training_state(directory).get(stage, {}).get("recipe", "v1")
+
+
+def record_recipe(directory, stages, recipe: str) -> None:
+    """Mark ``stages``' records in ``directory``'s training state as lineage ``recipe`` (ship_default
+    does, so that a later run of another lineage never warm-starts from these weights)."""
+    state = read_training_state(directory)
+    write_training_state(directory, {s: {**state[s], "recipe": recipe} for s in stages if s in state})
+
+
 def _comparable(value):
     return json.loads(json.dumps(value))  # tuples -> lists, as a saved config reads back
 
@@ -845,8 +858,9 @@ DALLE2_V2_PLAN: tuple[dict, ...] = (
     dict(stage="prior", max_steps=2000, batch_size=32, lr=5e-4),
     dict(stage="decoder", max_steps=21800, batch_size=32, lr=2e-4, snr_floor=1.0, timestep_bias_strategy="later",
          timestep_bias_multiplier=10.0, timestep_bias_portion=0.2, shapes_mixture=LAYOUT_MIXTURE,
-         # "shipped": the package's DALL-E 2 default when the stage starts -- v1's, while v2 does not ship
-         graft=dict(source="shipped", components=GRAFT_COMPONENTS, stages=("decoder", "sr")),
+         # "shipped": the package's DALL-E 2 default when the stage starts, which must be v1's (v2 first ran
+         # on v1 at commit 0a619d9; since v2 ships, a rerun needs a v1 directory as the source)
+         graft=dict(source="shipped", recipe="v1", components=GRAFT_COMPONENTS, stages=("decoder", "sr")),
          phases={19400: RANGE_PHASE, 20800: {**CONSOLIDATION_PHASE, "lr": 1e-4}}),
 )
 DALLE2_PLANS = {"v1": DALLE2_PLAN, "v2": DALLE2_V2_PLAN}
@@ -916,6 +930,13 @@ def graft_start(graft: dict, previous: str, out: Path) -> dict:
     source = presets.WEIGHTS_DIR / "dalle2" if graft["source"] == "shipped" else Path(graft["source"])
     state = read_training_state(source)
     stage = Path(out).name
+    want = graft.get("recipe")
+    if want and state and shipped_recipe(source, stage) != want:
+        raise ValueError(
+            f"graft source {str(source)!r} holds lineage {shipped_recipe(source, stage)!r}, but the plan grafts "
+            f"{want!r}'s {stage}; pass a directory of {want!r} weights as the graft source (the last v1 DALL-E 2 "
+            "default is in git: `git archive 0a619d9 imagen_lite/weights/dalle2 | tar -x -C DIR`)"
+        )
     missing = [s for s in graft["stages"] if s not in state]
     if missing:
         raise ValueError(f"graft source {str(source)!r} has no {TRAINING_STATE_FILE} record of {missing}; "
