@@ -464,6 +464,7 @@ def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatc
     monkeypatch.setattr(script, "train_base_plan", fake_plan)
     monkeypatch.setattr(script, "DEFAULT_CACHE", tmp_path / "cache")
     monkeypatch.setattr(script, "WIP_DIR", tmp_path / "wip")
+    monkeypatch.setattr(imagen_lite.presets, "WEIGHTS_DIR", tmp_path / "weights")  # v1 ships (nothing recorded)
     script.main(["--stage", "imagen-base", "--recipe", "v2", "--minutes", "1"])
     assert seen["cache"] == tmp_path / "cache" / "imagen-base-v2" and seen["warm_start"] is None
     for key, value in D.BASE_RECIPES["v2"].items():
@@ -477,7 +478,6 @@ def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatc
     shipped.mkdir(parents=True)
     D.write_training_state(shipped, {"imagen-base": {"step": 5, "cpu_hours": 0.1, "config": {}}})
     D.record_recipe(shipped, ["imagen-base"], "v2")
-    monkeypatch.setattr(imagen_lite.presets, "WEIGHTS_DIR", tmp_path / "weights")
     script.main(["--stage", "imagen-base", "--recipe", "v2", "--cache", str(tmp_path / "c2"), "--minutes", "1"])
     assert seen["warm_start"] == shipped
     script.main(["--stage", "imagen-base", "--recipe", "v1", "--cache", str(tmp_path / "c1"), "--minutes", "1"])
