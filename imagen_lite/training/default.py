@@ -930,10 +930,10 @@ def graft_start(graft: dict, previous: str, out: Path) -> dict:
     source = presets.WEIGHTS_DIR / "dalle2" if graft["source"] == "shipped" else Path(graft["source"])
     state = read_training_state(source)
     stage = Path(out).name
-    want = graft.get("recipe")
-    if want and state and shipped_recipe(source, stage) != want:
+    want, have = graft.get("recipe"), state.get(stage, {}).get("recipe", "v1")  # as shipped_recipe reads it
+    if want and state and have != want:
         raise ValueError(
-            f"graft source {str(source)!r} holds lineage {shipped_recipe(source, stage)!r}, but the plan grafts "
+            f"graft source {str(source)!r} holds lineage {have!r}, but the plan grafts "
             f"{want!r}'s {stage}; pass a directory of {want!r} weights as the graft source (the last v1 DALL-E 2 "
             "default is in git: `git archive 0a619d9 imagen_lite/weights/dalle2 | tar -x -C DIR`)"
         )
