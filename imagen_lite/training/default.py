@@ -84,10 +84,15 @@ def write_training_state(directory, stages: dict) -> None:
     (Path(directory) / TRAINING_STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
+def recipe_of(state: dict, stage: str) -> str:
+    """The lineage (``--recipe``) of ``stage`` in a read training state: its record's ``"recipe"``;
+    "v1" for a record without one (ships before the twelfth session, all v1)."""
+    return state.get(stage, {}).get("recipe", "v1")
+
+
 def shipped_recipe(directory, stage: str) -> str:
-    """The lineage (``--recipe``) of ``stage``'s weights in an exported directory: its record's
-    ``"recipe"``; "v1" for a record without one (ships before the twelfth session, all v1)."""
-    return read_training_state(directory).get(stage, {}).get("recipe", "v1")
+    """``recipe_of`` the training state of an exported directory."""
+    return recipe_of(read_training_state(directory), stage)
 
 
 def record_recipe(directory, stages, recipe: str) -> None:
@@ -930,7 +935,7 @@ def graft_start(graft: dict, previous: str, out: Path) -> dict:
     source = presets.WEIGHTS_DIR / "dalle2" if graft["source"] == "shipped" else Path(graft["source"])
     state = read_training_state(source)
     stage = Path(out).name
-    want, have = graft.get("recipe"), state.get(stage, {}).get("recipe", "v1")  # as shipped_recipe reads it
+    want, have = graft.get("recipe"), recipe_of(state, stage)
     if want and state and have != want:
         raise ValueError(
             f"graft source {str(source)!r} holds lineage {have!r}, but the plan grafts "
