@@ -10,7 +10,9 @@ weights in imagen_lite/weights/<family> (--warm-start shipped, the default): the
 hour counters continue from their training_state.json, AdamW starts afresh. --warm-start
 none trains from scratch. A run keeps the recipe of what it resumes (the checkpoint's config,
 or the shipped training_state.json's); --set FIELD=JSON changes a field from there (e.g.
---set lr=3e-5 to lower the learning rate). --export writes the EMA weights as an fp16 pipeline
+--set lr=3e-5 to lower the learning rate; a recipe's phases re-apply at their steps and win over a
+--set of the same field, so a later lr drop goes in as a phase: --set 'phases={..., "25000": {"lr": 2e-5}}').
+--recipe picks the lineage; without it, the one the package ships (its training_state.json). --export writes the EMA weights as an fp16 pipeline
 directory (imagen_lite/weights/imagen ships it). The log and the shapes-accuracy curve
 (curve.jsonl) sit beside the checkpoints.
 """
@@ -45,10 +47,11 @@ def main(argv=None):
     p.add_argument("--warm-start", default="shipped",
                    help="with no checkpoint in the cache, start from these exported weights: 'shipped' (the package's "
                         "default, %(default)s), a pipeline dir, or 'none' for from scratch")
-    p.add_argument("--recipe", choices=sorted({*BASE_RECIPES, *DALLE2_PLANS}), default="v1",
-                   help="the lineage (imagen-base, dalle2). v1 ships; v2 (eleventh session) trains in the cache folder "
-                        "<stage>-v2 and warm-starts from wip/<stage>-v2, never from the shipped v1 weights "
-                        "(BASE_RECIPES, DALLE2_PLANS in imagen_lite/training/default.py)")
+    p.add_argument("--recipe", choices=sorted({*BASE_RECIPES, *DALLE2_PLANS}), default=None,
+                   help="the lineage (imagen-base, dalle2; BASE_RECIPES, DALLE2_PLANS in imagen_lite/training/default.py). "
+                        "Default: the one the package ships (v2 since the twelfth session). A lineage trains in the "
+                        "cache folder <stage> (v1) or <stage>-<recipe>; the shipped one warm-starts from the package, "
+                        "any other only from wip/<its folder>")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 when sharing the CPU with other jobs)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a config field")
     args = p.parse_args(argv)
@@ -58,15 +61,18 @@ def main(argv=None):
 
         torch.set_num_threads(args.threads)
     recipes = {"imagen-base": BASE_RECIPES, "dalle2": DALLE2_PLANS}.get(args.stage, {"v1": None})
-    if args.recipe not in recipes:
-        p.error(f"--recipe {args.recipe}: --stage {args.stage} has the lineages {sorted(recipes)}")
-    lineage = lineage_name(args.stage, args.recipe)
-    cache = args.cache or DEFAULT_CACHE / lineage
     family = "dalle2" if args.stage == "dalle2" else "imagen"
     # the lineage that ships (its stage record's "recipe", v1 when unrecorded) warm-starts from the
     # package; any other lineage from its own work-in-progress weights (wip/<lineage>), if any
     record = {"imagen-base": "imagen-base", "imagen-sr": "imagen-sr", "dalle2": "decoder"}[args.stage]
-    shipped_here = shipped_recipe(presets.WEIGHTS_DIR / family, record) == args.recipe
+    in_package = shipped_recipe(presets.WEIGHTS_DIR / family, record)
+    if args.recipe is None:
+        args.recipe = in_package  # continue what ships, not a lineage the package has moved past
+    if args.recipe not in recipes:
+        p.error(f"--recipe {args.recipe}: --stage {args.stage} has the lineages {sorted(recipes)}")
+    lineage = lineage_name(args.stage, args.recipe)
+    cache = args.cache or DEFAULT_CACHE / lineage
+    shipped_here = in_package == args.recipe
     shipped = presets.WEIGHTS_DIR / family if shipped_here else WIP_DIR / lineage
     warm_start = {"none": None, "shipped": shipped}.get(args.warm_start, Path(args.warm_start))
     if warm_start is not None and not (warm_start / TRAINING_STATE_FILE).is_file():

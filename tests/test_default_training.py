@@ -472,6 +472,8 @@ def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatc
     assert D.BaseRunConfig().bf16 is False and seen["cfg"].bf16 is True  # the recipe, not the defaults
     with pytest.raises(SystemExit):
         script.main(["--stage", "imagen-sr", "--recipe", "v2"])
+    script.main(["--stage", "imagen-base", "--minutes", "1"])  # no --recipe: the shipped lineage (v1 here)
+    assert seen["cache"] == tmp_path / "cache" / "imagen-base"
 
     # once v2 ships (its record says so), v2 warm-starts from the package and v1 only from its wip/
     shipped = tmp_path / "weights" / "imagen"
@@ -480,6 +482,8 @@ def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatc
     D.record_recipe(shipped, ["imagen-base"], "v2")
     script.main(["--stage", "imagen-base", "--recipe", "v2", "--cache", str(tmp_path / "c2"), "--minutes", "1"])
     assert seen["warm_start"] == shipped
+    script.main(["--stage", "imagen-base", "--minutes", "1"])  # no --recipe: now v2, from the package
+    assert seen["cache"] == tmp_path / "cache" / "imagen-base-v2" and seen["warm_start"] == shipped
     script.main(["--stage", "imagen-base", "--recipe", "v1", "--cache", str(tmp_path / "c1"), "--minutes", "1"])
     assert seen["warm_start"] is None  # no wip/imagen-base: from scratch, never from v2's weights
     (tmp_path / "wip" / "imagen-base").mkdir(parents=True)

@@ -219,10 +219,13 @@ BASE_RECIPES = {
     # lr 5e-4 to 6,200, where the curve (40 prompts) had sat at 35-37% for 3,000 steps with
     # positions 12-37% and relations 0; then v1's range phase (2,400 steps: at 7,400 the raw
     # weights still ignored position words, as v1's did for its first ~1,000-1,600), its
-    # consolidation at 2e-4, and 1e-4 from 10,600 (v1's lr drops paid: model card)
+    # consolidation at 2e-4, and 1e-4 from 10,600 (v1's lr drops paid: model card). The thirteenth
+    # session annealed it for its last 0.83 reference hours: 5e-5 from 20,600 (where the 40-prompt
+    # curve had sat at 57.5-60% for 4,000 steps at 1e-4), 2e-5 from 25,000.
     "v2": dict(bf16=True, snr_floor=1.0, mixture=V2_MIXTURE, timestep_bias_strategy="later",
                timestep_bias_multiplier=2.0, eval_every=1000,
-               phases={"6200": BASE_RANGE_PHASE, "8600": BASE_CONSOLIDATION_PHASE, "10600": {"lr": 1e-4}}),
+               phases={"6200": BASE_RANGE_PHASE, "8600": BASE_CONSOLIDATION_PHASE, "10600": {"lr": 1e-4},
+                       "20600": {"lr": 5e-5}, "25000": {"lr": 2e-5}}),
 }  # fmt: skip
 
 
