@@ -211,6 +211,21 @@ def test_image_embeds_path(lite):
         lite(["a red circle", "a blue square"], image_embeds=z[:1], **kw)
 
 
+def test_prior_candidates_pick_the_embedding_closest_to_the_text(lite):
+    """prior_candidates=k draws k prior samples per image from the same noise as k images per
+    prompt would, and hands the decoder the one with the highest cosine similarity to z_t."""
+    kw = dict(num_inference_steps=2, guidance_scale=(4.0, 8.0), num_stages=2, return_stage_outputs=True, output_type="pt")
+    many = lite("a red circle", num_images_per_prompt=3, generator=_gen(3), **kw).stage_images["prior"]
+    best = lite("a red circle", prior_candidates=3, generator=_gen(3), **kw)
+    z_t = lite.encode_prompt(["a red circle"]).text_embeds
+    sims = torch.nn.functional.cosine_similarity(many, z_t, dim=-1)
+    assert sims.max() > sims.min()  # the candidates differ, so the choice matters
+    assert best.images.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(best.stage_images["prior"], many[sims.argmax()][None])
+    one = lite("a red circle", prior_candidates=1, generator=_gen(3), **kw).stage_images["prior"]
+    assert torch.equal(one, lite("a red circle", generator=_gen(3), **kw).stage_images["prior"])  # 1 is the default
+
+
 def test_negative_prompt_and_prompt_embeds(lite):
     kw = dict(num_inference_steps=2, num_stages=2, guidance_scale=(4.0, 8.0), output_type="pt")
     base = lite("a red circle", generator=_gen(0), **kw).images
@@ -236,6 +251,8 @@ def test_negative_prompt_and_prompt_embeds(lite):
         (dict(num_stages=1), r"num_stages=1 is not valid"),
         (dict(output_type="jpg"), r"output_type='jpg' is not valid"),
         (dict(num_images_per_prompt=0), r"num_images_per_prompt=0"),
+        (dict(prior_candidates=0), r"prior_candidates=0 must be a positive integer"),
+        (dict(prior_candidates=2.0), r"prior_candidates=2.0 must be a positive integer"),
         (dict(num_inference_steps=(2, 1, 2)), r"num_inference_steps for stage .decoder. is 1; UnCLIPScheduler needs at least 2"),
     ],
 )

@@ -174,6 +174,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         num_stages: int | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
+        prior_candidates: int = 1,
         image_embeds: torch.Tensor | None = None,
         prompt_embeds: CLIPTextEmbeds | tuple | None = None,
         negative_prompt_embeds: CLIPTextEmbeds | tuple | None = None,
@@ -194,6 +195,11 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 tuple must give the SR stage 1.
             num_stages: run only the first N stages, the prior included (2: 64px; default: all).
             generator: a seeded ``torch.Generator``; all noise is drawn from it in order.
+            prior_candidates: image embeddings the prior draws per image; the decoder gets the
+                one whose cosine similarity with the prompt's CLIP text embedding is highest
+                (DALL-E 2, section 2.1: two samples, the higher dot product with z_t). 1 (the
+                default) draws one, as ``UnCLIPPipeline`` does; k costs k prior samples, and
+                the prior is the cheap stage.
             image_embeds: (B, D) CLIP image embeddings (e.g. from :func:`encode_images`), one per
                 prompt; given, the prior is skipped and the decoder is conditioned on them.
             output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
@@ -224,6 +230,8 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             raise ValueError("pass either prompt or prompt_embeds, not both")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive integer")
+        if isinstance(prior_candidates, bool) or not isinstance(prior_candidates, int) or prior_candidates < 1:
+            raise ValueError(f"prior_candidates={prior_candidates!r} must be a positive integer (1: no re-ranking)")
         batch = len(prompts) if prompt_embeds is None else prompt_embeds[0].shape[0]
         width = self.text_proj.config.clip_embeddings_dim
         if image_embeds is not None and (
@@ -265,8 +273,10 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             uncond = CLIPTextEmbeds(*(x.to(device) for x in negative_prompt_embeds)).repeat_interleave(num_images_per_prompt)
         n = cond.text_embeds.shape[0]
 
-        def text_inputs(cfg: bool, dtype) -> CLIPTextEmbeds:
-            parts = CLIPTextEmbeds(*(torch.cat([u, c]) for u, c in zip(uncond, cond))) if cfg else cond
+        def text_inputs(cfg: bool, dtype, k: int = 1) -> CLIPTextEmbeds:
+            c = cond.repeat_interleave(k) if k > 1 else cond
+            u = uncond.repeat_interleave(k) if k > 1 and cfg else uncond
+            parts = CLIPTextEmbeds(*(torch.cat([a, b]) for a, b in zip(u, c))) if cfg else c
             return CLIPTextEmbeds(parts.text_embeds.to(dtype), parts.hidden_states.to(dtype), parts.mask)
 
         # 3. Prior: noise -> CLIP image embedding z_i (skipped when image_embeds are given)
@@ -275,9 +285,10 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             scheduler.set_timesteps(steps[0], device=device)
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(0)
-            z = randn_tensor((n, prior.config.embedding_dim), generator=generator, device=device, dtype=prior.dtype)
+            k = prior_candidates  # rows i*k .. i*k+k-1 are image i's candidates
+            z = randn_tensor((n * k, prior.config.embedding_dim), generator=generator, device=device, dtype=prior.dtype)
             z = z * scheduler.init_noise_sigma
-            text = text_inputs(cfg_prior, prior.dtype)
+            text = text_inputs(cfg_prior, prior.dtype, k)
 
             def model_fn(model_input, t, i):
                 return prior(
@@ -292,7 +303,11 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                     step_kwargs=_step_kwargs(scheduler, generator, scheduler.timesteps),
                     progress_bar=bar, callback=callback,
                 )  # fmt: skip
-            return prior.post_process_latents(z)  # (N, D)
+            z = prior.post_process_latents(z)  # (N * k, D)
+            if k == 1:
+                return z
+            sims = F.cosine_similarity(z.float().view(n, k, -1), cond.text_embeds.float()[:, None, :], dim=-1)
+            return z.view(n, k, -1)[torch.arange(n, device=z.device), sims.argmax(dim=1)]  # (N, D)
 
         if run_prior:
             with timed(seconds, "prior"):
