@@ -12,9 +12,9 @@ none trains from scratch. A run keeps the recipe of what it resumes (the checkpo
 or the shipped training_state.json's); --set FIELD=JSON changes a field from there (e.g.
 --set lr=3e-5 to lower the learning rate; a recipe's phases re-apply at their steps and win over a
 --set of the same field, so a later lr drop goes in as a phase: --set 'phases={..., "25000": {"lr": 2e-5}}').
---recipe picks the lineage; without it, the one the package ships (its training_state.json). --export writes the EMA weights as an fp16 pipeline
-directory (imagen_lite/weights/imagen ships it). The log and the shapes-accuracy curve
-(curve.jsonl) sit beside the checkpoints.
+--recipe picks the lineage; without it, the one the package ships (its training_state.json).
+--export writes the EMA weights as an fp16 pipeline directory (imagen_lite/weights/imagen ships
+it). The log and the shapes-accuracy curve (curve.jsonl) sit beside the checkpoints.
 """
 
 import argparse
