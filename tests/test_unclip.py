@@ -209,6 +209,8 @@ def test_image_embeds_path(lite):
     assert not torch.allclose(out.images, other.images)  # the decoder follows the embedding
     with pytest.raises(ValueError, match=r"image_embeds has shape \(1, 32\); expected \(2, 32\)"):
         lite(["a red circle", "a blue square"], image_embeds=z[:1], **kw)
+    with pytest.raises(ValueError, match=r"prior_candidates=2 re-ranks prior samples, but image_embeds were given"):
+        lite(["a red circle", "a blue square"], image_embeds=z, prior_candidates=2, **kw)
 
 
 def test_prior_candidates_pick_the_embedding_closest_to_the_text(lite):

@@ -199,7 +199,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 one whose cosine similarity with the prompt's CLIP text embedding is highest
                 (DALL-E 2, section 2.1: two samples, the higher dot product with z_t). 1 (the
                 default) draws one, as ``UnCLIPPipeline`` does; k costs k prior samples, and
-                the prior is the cheap stage.
+                the prior is the cheap stage. Must be 1 when ``image_embeds`` are given.
             image_embeds: (B, D) CLIP image embeddings (e.g. from :func:`encode_images`), one per
                 prompt; given, the prior is skipped and the decoder is conditioned on them.
             output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
@@ -239,6 +239,11 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         ):
             got = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
             raise ValueError(f"image_embeds has shape {got}; expected ({batch}, {width}): one CLIP image embedding per prompt")
+        if image_embeds is not None and prior_candidates != 1:  # no prior runs, so nothing would be re-ranked
+            raise ValueError(
+                f"prior_candidates={prior_candidates!r} re-ranks prior samples, but image_embeds were given and the "
+                "prior is skipped; pass one or the other"
+            )
         run_prior = image_embeds is None
         schedulers = [self.prior_scheduler if run_prior else None, self.decoder_scheduler, self.super_res_scheduler]
         for stage, k, scheduler in zip(stages, steps, schedulers):
