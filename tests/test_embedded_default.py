@@ -45,7 +45,11 @@ from imagen_lite.evaluation.shapes import detect_objects, score_image
 # on 600 images): dalle2 0.55 / 0.95 at 64 px, 0.60 / 0.95 at 256 px (exact floor 0.30 -> 0.35,
 # a margin of four images). Imagen base v2 (20,599, guidance 1.5; 59.3% against 53.7%): imagen
 # 0.80 / 0.95 at 64 px, 0.75 / 0.95 at 256 px (exact floor 0.40 -> 0.55, four images under 256 px).
-FLOORS = {"imagen": (0.55, 0.65), "dalle2": (0.35, 0.60)}
+# Fourteenth session (this test's prompts, seeds and scoring, run outside pytest): DALL-E 2
+# decoder 26,000 (69.5% on 600 images): dalle2 0.70 / 0.95 at 64 and 256 px (exact floor 0.35 -> 0.50,
+# four images); imagen unchanged, 0.80 / 0.95 and 0.75 / 0.95. Both colour-hit floors 0.65 / 0.60 -> 0.80
+# (three images under what both families score at both sizes).
+FLOORS = {"imagen": (0.55, 0.80), "dalle2": (0.50, 0.80)}
 PROMPTS = 20
 
 
