@@ -187,6 +187,10 @@ class BaseRunConfig:
     # which shape (its output at a shape word names that object's colour 27% of the time, chance 17%;
     # the DALL-E 2 CLIP text tower's: 100%), and "binding swapped" is the v2 base's most common
     # failure. The UNet's cross-attention sees no word order, so an unbound T5 leaves it guessing.
+    # Tried as a fine-tune of the shipped v2 base (phase {"20600": {"binding_weight": 0.5}}, 3,866
+    # steps): the term fell (the tied readout names 54% of two-object colours), the images did not
+    # change (60.3% against 59.3%, binding swaps 74 against 71 on 600): not shipped. 0.05 was too weak
+    # to move the T5 at all. Next: binding from step 0 of a new lineage, or a frozen pretrained encoder.
     binding_weight: float = 0.0
 
 
