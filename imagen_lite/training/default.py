@@ -335,9 +335,12 @@ def binding_loss(tok, text_encoder, states: torch.Tensor, input_ids: torch.Tenso
     switched on by a phase and checkpoints keep their layout). 0 for a batch with no such pair."""
     to_colour, to_shape = binding_targets(tok, input_ids)
     table = text_encoder.get_input_embeddings().weight
-    ids = lambda words: torch.tensor(tok.convert_tokens_to_ids(["\u2581" + w for w in words]))  # noqa: E731
-    colour_logits = states @ table[ids(list(shapes.COLORS))].float().T  # (B, L, 6)
-    shape_logits = states @ table[ids(list(shapes.SHAPES))].float().T  # (B, L, 3)
+
+    def rows(words):  # the embeddings of these words (one sentencepiece-style token each)
+        return table[torch.tensor(tok.convert_tokens_to_ids(["\u2581" + w for w in words]))].float()
+
+    colour_logits = states @ rows(shapes.COLORS).T  # (B, L, 6)
+    shape_logits = states @ rows(shapes.SHAPES).T  # (B, L, 3)
     terms = [F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
              for logits, target in ((colour_logits, to_colour), (shape_logits, to_shape)) if (target >= 0).any()]  # fmt: skip
     return sum(terms) / len(terms) if terms else states.sum() * 0.0
