@@ -491,6 +491,11 @@ def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatc
     script.main(["--stage", "imagen-base", "--recipe", "v1", "--cache", str(tmp_path / "c3"), "--minutes", "1"])
     assert seen["warm_start"] == tmp_path / "wip" / "imagen-base"
 
+    # v3 (binding loss from step 0) while v2 ships: from scratch in its own cache, never v2's weights
+    script.main(["--stage", "imagen-base", "--recipe", "v3", "--minutes", "1"])
+    assert seen["cache"] == tmp_path / "cache" / "imagen-base-v3" and seen["warm_start"] is None
+    assert seen["cfg"].binding_weight == 0.5 and seen["cfg"].phases == D.BASE_RECIPES["v3"]["phases"]
+
 
 def test_a_grafted_decoder_starts_from_another_lineage_and_keeps_its_steps_and_hours(tmp_path):
     """DALLE2_V2_PLAN's graft: a new CLIP and prior, then the decoder stage starts from a trained
