@@ -225,6 +225,10 @@ BASE_RANGE_PHASE = dict(lr=5e-4, timestep_bias_strategy="range", timestep_bias_m
 BASE_CONSOLIDATION_PHASE = dict(lr=2e-4, timestep_bias_strategy="later", timestep_bias_multiplier=10.0,
                                 timestep_bias_portion=0.2, timestep_bias_begin=0, timestep_bias_end=None,
                                 mixture={"single": 0.1, "position": 0.3, "two_objects": 0.2, "relation": 0.25, "counting": 0.15})  # fmt: skip
+# v2's settings from step 0, and its range -> consolidation -> lr 1e-4 phases (v3 shares both)
+V2_SETTINGS = dict(bf16=True, snr_floor=1.0, mixture=V2_MIXTURE, timestep_bias_strategy="later",
+                   timestep_bias_multiplier=2.0, eval_every=1000)  # fmt: skip
+V2_LAYOUT_PHASES = {"6200": BASE_RANGE_PHASE, "8600": BASE_CONSOLIDATION_PHASE, "10600": {"lr": 1e-4}}
 BASE_RECIPES = {
     "v1": {},
     # lr 5e-4 to 6,200, where the curve (40 prompts) had sat at 35-37% for 3,000 steps with
@@ -233,17 +237,12 @@ BASE_RECIPES = {
     # consolidation at 2e-4, and 1e-4 from 10,600 (v1's lr drops paid: model card). The thirteenth
     # session annealed it for its last 0.83 reference hours: 5e-5 from 20,600 (where the 40-prompt
     # curve had sat at 57.5-60% for 4,000 steps at 1e-4), 2e-5 from 25,000.
-    "v2": dict(bf16=True, snr_floor=1.0, mixture=V2_MIXTURE, timestep_bias_strategy="later",
-               timestep_bias_multiplier=2.0, eval_every=1000,
-               phases={"6200": BASE_RANGE_PHASE, "8600": BASE_CONSOLIDATION_PHASE, "10600": {"lr": 1e-4},
-                       "20600": {"lr": 5e-5}, "25000": {"lr": 2e-5}}),
+    "v2": dict(V2_SETTINGS, phases={**V2_LAYOUT_PHASES, "20600": {"lr": 5e-5}, "25000": {"lr": 2e-5}}),
     # v3 (fourteenth session, started, not shipped): v2 with the binding loss from step 0. v2's T5
     # barely binds colours to shapes (``binding_weight`` above), and a binding fine-tune of v2's
     # trained UNet did not make it use the binding. Phases as v2's first three (its anneal did not
     # pay). To replace v2 within the 8 hours it may take 2.75 reference hours (model card).
-    "v3": dict(bf16=True, snr_floor=1.0, mixture=V2_MIXTURE, timestep_bias_strategy="later",
-               timestep_bias_multiplier=2.0, eval_every=1000, binding_weight=0.5,
-               phases={"6200": BASE_RANGE_PHASE, "8600": BASE_CONSOLIDATION_PHASE, "10600": {"lr": 1e-4}}),
+    "v3": dict(V2_SETTINGS, binding_weight=0.5, phases=dict(V2_LAYOUT_PHASES)),
 }  # fmt: skip
 
 
