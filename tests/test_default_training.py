@@ -606,7 +606,7 @@ def test_binding_targets_pair_each_colour_with_the_shape_after_it():
     assert (to_colour[3] < 0).all() and (to_shape[3] < 0).all()  # a dropped caption has no targets
 
 
-def test_the_binding_loss_is_learnable_and_off_by_default(tmp_path):
+def test_the_binding_loss_is_learnable_and_off_by_default():
     """binding_weight > 0 adds a term the T5 can drive down (its outputs come to name each object's
     colour at its shape word); 0 leaves the diffusion loss exactly as before."""
     cfg = tiny_base_cfg()
