@@ -8,7 +8,7 @@
 imagen: the newest base checkpoint's EMA (``train_default/imagen-base``) + the newest SR
 checkpoint's EMA (``train_default/imagen-sr``) -> ``imagen_lite/weights/imagen``.
 ``--recipe v2`` ships the v2 lineage instead (``train_default/<stage>-v2``; an Imagen base
-with no SR of its own carries the shipped SR), ``--out DIR`` writes a candidate elsewhere.
+with no SR of its own carries the shipped SR; v3 is an Imagen-only lineage), ``--out DIR`` writes a candidate elsewhere.
 dalle2: the newest decoder checkpoint of the chained run (``train_default/dalle2``) on top of
 its sr stage's pipeline (CLIP, prior, text_proj, SR) -> ``imagen_lite/weights/dalle2``, with
 its CLIP vision tower (``image_encoder/``) for ``encode_images`` and CLIP scores.
@@ -31,7 +31,7 @@ from pathlib import Path
 from imagen_lite import presets
 from imagen_lite.training.checkpoint import list_checkpoints
 from imagen_lite.training.default import (
-    DALLE2_PLANS, DEFAULT_CACHE, export_base_checkpoint, export_cascade_carrying_sr, export_dalle2_checkpoint, export_sr_checkpoint,
+    BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, export_base_checkpoint, export_cascade_carrying_sr, export_dalle2_checkpoint, export_sr_checkpoint,
     lineage_name, record_recipe,
 )  # fmt: skip
 
@@ -81,7 +81,7 @@ def main(argv=None):
     p.add_argument("--sr-strength", type=float, default=None,
                    help="imagen: img2img start of the SR stage, (0, 1] (default 1: from pure noise)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    p.add_argument("--recipe", choices=sorted(DALLE2_PLANS), default="v1",
+    p.add_argument("--recipe", choices=sorted({*BASE_RECIPES, *DALLE2_PLANS}), default="v1",
                    help="the lineage to ship (scripts/train_default.py --recipe): its cache folders <stage>-<recipe>")
     p.add_argument("--out", type=Path, default=None,
                    help="write the directory here instead of into the package (a candidate to evaluate first)")
@@ -94,6 +94,9 @@ def main(argv=None):
         defaults["sr_strength"] = 1.0 if args.sr_strength is None else args.sr_strength
     elif args.sr_strength is not None:
         p.error(f"--sr-strength {args.sr_strength} applies to --family imagen only (the DALL-E 2 SR has no such start)")
+    lineages = BASE_RECIPES if args.family == "imagen" else DALLE2_PLANS
+    if args.recipe not in lineages:
+        p.error(f"--recipe {args.recipe}: --family {args.family} has the lineages {sorted(lineages)}")
     preset = presets.DEFAULT_IMAGEN if args.family == "imagen" else presets.DEFAULT_DALLE2
     out = args.out or Path(preset.components["dir"])
     out.parent.mkdir(parents=True, exist_ok=True)

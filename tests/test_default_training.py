@@ -282,6 +282,9 @@ def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weig
         ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--sr-strength", "0.5",
                       "--defaults-only"])  # fmt: skip
     assert exit_info.value.code == 2 and "applies to --family imagen only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # v3 is a lineage of the Imagen base only
+        ship["main"](["--family", "dalle2", "--recipe", "v3", "--steps", "25,25,3", "--guidance", "2,2,1"])
+    assert exit_info.value.code == 2 and "--recipe v3: --family dalle2 has the lineages ['v1', 'v2']" in capsys.readouterr().err
 
 
 def test_coordinate_channels_grow_from_weights_without_them(tmp_path):
