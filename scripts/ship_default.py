@@ -40,8 +40,20 @@ def numbers(text: str, kind):
     return [kind(v) for v in text.split(",")]
 
 
+def drop_local_paths(directory: Path) -> None:
+    """Remove the ``_name_or_path`` that diffusers' ``save_pretrained`` copies into each config from
+    the (temporary) folder a model was loaded from: a path on the shipping machine means nothing to
+    a user, and ``from_pretrained`` sets it afresh on load."""
+    for config in [*directory.glob("*/config.json"), directory / "model_index.json"]:
+        if config.is_file():
+            data = json.loads(config.read_text())
+            if data.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def swap_in(tmp: Path, out: Path) -> Path:
     """Replace ``out`` by the finished directory ``tmp`` (never a half-written default)."""
+    drop_local_paths(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

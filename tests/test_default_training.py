@@ -581,6 +581,8 @@ def test_a_v2_base_ships_carrying_the_shipped_sr(tmp_path, monkeypatch):
     assert state["imagen-sr"]["step"] == 1 and state["imagen-sr"]["config"]["carried_from"] == str(tmp_path / "weights" / "imagen")
     assert D.shipped_recipe(tmp_path / "cand", "imagen-base") == "v2"  # its lineage, recorded for warm starts
     assert "recipe" not in state["imagen-sr"]  # the carried SR keeps the v1 record it came with
+    configs = [*(tmp_path / "cand").glob("*/config.json"), tmp_path / "cand" / "model_index.json"]
+    assert len(configs) >= 4 and not [c for c in configs if "_name_or_path" in json.loads(c.read_text())]
     shipped_sr = load_file(str(next((tmp_path / "weights" / "imagen" / "sr_unet").glob("*.safetensors"))))
     carried_sr = load_file(str(next((tmp_path / "cand" / "sr_unet").glob("*.safetensors"))))
     assert all(torch.equal(shipped_sr[k], carried_sr[k]) for k in shipped_sr)
