@@ -333,6 +333,12 @@ def generate(
         pipe = _load_placed(pipeline, model, d, t, offload or off, scheduler, lora)
         preset = pipe.imagen_lite_preset
         num_stages = pipe.num_stages_for_size(size)
+        for name, value in (("num_inference_steps", num_inference_steps), ("guidance_scale", guidance_scale)):
+            # a preset's defaults may be longer than the stages a call runs; a caller's tuple may
+            # not be longer than the model's stages (a 3-stage tuple for a 2-stage cascade is a mistake)
+            if isinstance(value, (list, tuple)) and len(value) > len(pipe.stage_names):
+                raise ValueError(f"{name}={tuple(value)!r} gives {len(value)} values but this {pipeline!r} model has "
+                                 f"{len(pipe.stage_names)} stages {tuple(pipe.stage_names)}; pass one value or one per stage")  # fmt: skip
         steps = preset.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = preset.guidance_scale if guidance_scale is None else guidance_scale
         call = {**family_call_defaults(pipeline, preset), **kwargs}

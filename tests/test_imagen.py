@@ -313,6 +313,8 @@ def test_half_precision_nan_reruns_stage_in_float32():
         (dict(num_inference_steps=(2, -1)), ValueError, "is -1; it must be a positive integer"),
         (dict(guidance_scale=-1.0), ValueError, "guidance_scale.*is -1.0; it must be a number >= 0"),
         (dict(num_inference_steps=(2,), size=32), ValueError, "gives 1 value.*runs 2 stage"),
+        (dict(num_inference_steps=(2, 2, 2)), ValueError, r"num_inference_steps=\(2, 2, 2\) gives 3 values but this 'imagen' model has 2 stages \('base', 'sr_32'\)"),
+        (dict(guidance_scale=[1, 1, 1], size=16), ValueError, "guidance_scale=.*gives 3 values.*2 stages"),
         (dict(seed="1"), ValueError, "seed='1' must be an integer"),
         (dict(seed=2**64), ValueError, r"seed=18446744073709551616 is out of range.*\[-9223372036854775808, 18446744073709551615\]"),
         (dict(seed=-(2**63) - 1), ValueError, "seed=-9223372036854775809 is out of range"),
