@@ -190,7 +190,7 @@ class BaseRunConfig:
     # Tried as a fine-tune of the shipped v2 base (phase {"20600": {"binding_weight": 0.5}}, 3,866
     # steps): the term fell (the tied readout names 54% of two-object colours), the images did not
     # change (60.3% against 59.3%, binding swaps 74 against 71 on 600): not shipped. 0.05 was too weak
-    # to move the T5 at all. Next: binding from step 0 of a new lineage, or a frozen pretrained encoder.
+    # to move the T5 at all. Binding from step 0 of a new lineage did pay: BASE_RECIPES["v3"].
     binding_weight: float = 0.0
 
 
@@ -238,10 +238,10 @@ BASE_RECIPES = {
     # session annealed it for its last 0.83 reference hours: 5e-5 from 20,600 (where the 40-prompt
     # curve had sat at 57.5-60% for 4,000 steps at 1e-4), 2e-5 from 25,000.
     "v2": dict(V2_SETTINGS, phases={**V2_LAYOUT_PHASES, "20600": {"lr": 5e-5}, "25000": {"lr": 2e-5}}),
-    # v3 (fourteenth session, started, not shipped): v2 with the binding loss from step 0. v2's T5
-    # barely binds colours to shapes (``binding_weight`` above), and a binding fine-tune of v2's
-    # trained UNet did not make it use the binding. Phases as v2's first three (its anneal did not
-    # pay). To replace v2 within the 8 hours it may take 2.75 reference hours (model card).
+    # v3 (started in the fourteenth session, shipped in the fifteenth at 23,844): v2 with the binding
+    # loss from step 0. v2's T5 barely binds colours to shapes (``binding_weight`` above), and a
+    # binding fine-tune of v2's trained UNet did not make it use the binding. Phases as v2's first
+    # three (its anneal did not pay). 61.5% against v2's 59.3% on 600 images, no binding swaps.
     "v3": dict(V2_SETTINGS, binding_weight=0.5, phases=dict(V2_LAYOUT_PHASES)),
 }  # fmt: skip
 
