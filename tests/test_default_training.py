@@ -498,6 +498,11 @@ def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatc
     script.main(["--stage", "imagen-base", "--recipe", "v3", "--minutes", "1"])
     assert seen["cache"] == tmp_path / "cache" / "imagen-base-v3" and seen["warm_start"] is None
     assert seen["cfg"].binding_weight == 0.5 and seen["cfg"].phases == D.BASE_RECIPES["v3"]["phases"]
+    assert seen["cfg"].layout_weight == 0.0
+    # v4 (binding and layout losses from step 0): likewise, in its own cache
+    script.main(["--stage", "imagen-base", "--recipe", "v4", "--minutes", "1"])
+    assert seen["cache"] == tmp_path / "cache" / "imagen-base-v4" and seen["warm_start"] is None
+    assert (seen["cfg"].binding_weight, seen["cfg"].layout_weight) == (0.5, 0.5)
 
 
 def test_a_grafted_decoder_starts_from_another_lineage_and_keeps_its_steps_and_hours(tmp_path):
@@ -639,3 +644,49 @@ def test_the_binding_loss_is_learnable_and_off_by_default():
     extra = D.binding_loss(tok, t5, t5(ids.input_ids, attention_mask=ids.attention_mask)[0], ids.input_ids)
     assert torch.allclose(on - off, extra, rtol=1e-4, atol=1e-5)
     D.check_base_phases({"20600": {"binding_weight": 0.05}})  # a phase may switch it on
+
+
+def test_layout_targets_name_where_each_object_goes():
+    tok = D.C.word_tokenizer(D.shapes_vocabulary())
+    captions = ["a red circle to the left of a blue square", "a blue square below an orange circle",
+                "a small green triangle at the top", "a red circle in the center", "a red circle and a blue square",
+                "three green triangles", "", "a cat on the left"]  # fmt: skip
+    ids = tok(captions, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    target = D.layout_targets(tok, ids)
+    side = list(D.LAYOUT_WORDS).index
+    found = [{j: v for j, v in enumerate(row.tolist()) if v >= 0} for row in target]
+    assert found[0] == {2: side("left"), 9: side("right")}  # A to the left of B: A left, B right
+    assert found[1] == {2: side("below"), 6: side("above")}
+    assert found[2] == {3: side("above")} and found[3] == {2: side("center")}  # "at the top": the upper class
+    assert found[4:] == [{}, {}, {}, {}]  # no layout named, dropped, or outside the grammar (<unk> words)
+
+
+def test_the_layout_loss_is_learnable_and_off_by_default():
+    """layout_weight > 0 adds a term the T5 can drive down only by reading word order (the two
+    captions have the same words); 0 leaves the diffusion loss exactly as before."""
+    cfg = tiny_base_cfg()
+    tok, t5, _unet, _ = D.build_base(cfg)
+    captions = ["a red circle above a blue square", "a blue square above a red circle"] * 4
+    ids = tok(captions, padding="max_length", max_length=cfg.max_length, return_tensors="pt").input_ids
+    opt = torch.optim.AdamW(t5.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = D.layout_loss(tok, t5, t5(ids)[0], ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses[::10]
+    tok, t5, unet, scheduler = D.build_base(cfg)
+    model = D.Trainable(t5, unet)
+    images = torch.zeros(2, 3, 64, 64)
+    texts = ["a red circle below a blue square", "a green triangle on the right"]
+    off = D.loss_fn(tiny_base_cfg(caption_dropout=0.0), model, tok, scheduler, images, texts, torch.Generator().manual_seed(0))
+    on = D.loss_fn(tiny_base_cfg(caption_dropout=0.0, layout_weight=1.0), model, tok, scheduler, images, texts,
+                   torch.Generator().manual_seed(0))  # fmt: skip
+    ids = tok(texts, padding="max_length", max_length=cfg.max_length, return_tensors="pt")
+    extra = D.layout_loss(tok, t5, t5(ids.input_ids, attention_mask=ids.attention_mask)[0], ids.input_ids)
+    assert extra > 0 and torch.allclose(on - off, extra, rtol=1e-4, atol=1e-5)
+    none = tok(["three red circles", ""], padding="max_length", max_length=cfg.max_length, return_tensors="pt").input_ids
+    assert D.layout_loss(tok, t5, t5(none)[0], none).item() == 0.0  # no layout in the batch: no term
+    D.check_base_phases({"20600": {"layout_weight": 0.5}})  # a phase may switch it on

@@ -192,13 +192,20 @@ class BaseRunConfig:
     # change (60.3% against 59.3%, binding swaps 74 against 71 on 600): not shipped. 0.05 was too weak
     # to move the T5 at all. Binding from step 0 of a new lineage did pay: BASE_RECIPES["v3"].
     binding_weight: float = 0.0
+    # Weight of an auxiliary layout loss on the T5's outputs (0: off; ``layout_loss``). Sixteenth
+    # session: a linear probe (``/work/runs/s16/probe_rel.py``: every relation caption of the
+    # grammar, 70/30 split) reads an object's side in a relation caption off v3's T5 output at its
+    # shape word 38% of the time (chance 25%), and v3's relations sit at chance (20%; 47 of 120
+    # relation images have the right objects on the wrong sides). The binding loss's remedy again:
+    # make each shape word's output name where its object goes.
+    layout_weight: float = 0.0
 
 
 # Fields a base phase may change: the ones a resume may change without touching the architecture.
 BASE_PHASE_FIELDS = frozenset(
     {"lr", "snr_floor", "timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion",
      "timestep_bias_begin", "timestep_bias_end", "mixture", "caption_dropout", "eval_every", "checkpoint_every", "bf16",
-     "binding_weight"}
+     "binding_weight", "layout_weight"}
 )  # fmt: skip
 
 # Named recipes of the Imagen base, as changes to BaseRunConfig's defaults applied when a run starts
@@ -243,6 +250,10 @@ BASE_RECIPES = {
     # binding fine-tune of v2's trained UNet did not make it use the binding. Phases as v2's first
     # three (its anneal did not pay). 61.5% against v2's 59.3% on 600 images, no binding swaps.
     "v3": dict(V2_SETTINGS, binding_weight=0.5, phases=dict(V2_LAYOUT_PHASES)),
+    # v4 (started in the sixteenth session): v3 with the layout loss from step 0 as well (its
+    # relations sit at chance and its T5 hardly knows which object goes on which side:
+    # ``layout_weight``). From step 0 because a late binding loss did not reach v2's images.
+    "v4": dict(V2_SETTINGS, binding_weight=0.5, layout_weight=0.5, phases=dict(V2_LAYOUT_PHASES)),
 }  # fmt: skip
 
 
@@ -312,6 +323,8 @@ def loss_fn(cfg, model, tok, scheduler, images, texts, gen: torch.Generator):
     loss = (weight * per_sample).mean()
     if cfg.binding_weight:
         loss = loss + cfg.binding_weight * binding_loss(tok, model.text_encoder, states.float(), ids.input_ids)
+    if cfg.layout_weight:
+        loss = loss + cfg.layout_weight * layout_loss(tok, model.text_encoder, states.float(), ids.input_ids)
     return loss
 
 
@@ -350,6 +363,47 @@ def binding_loss(tok, text_encoder, states: torch.Tensor, input_ids: torch.Tenso
     terms = [F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
              for logits, target in ((colour_logits, to_colour), (shape_logits, to_shape)) if (target >= 0).any()]  # fmt: skip
     return sum(terms) / len(terms) if terms else states.sum() * 0.0
+
+
+# The layout loss's classes, read off the T5's own embeddings of these words (as the binding loss's).
+# "above"/"below" stand for "at the top"/"at the bottom" too: a class is where the object goes.
+LAYOUT_WORDS = ("left", "right", "above", "below", "center")
+_POSITION_CLASS = {"on the left": 0, "on the right": 1, "at the top": 2, "at the bottom": 3, "in the center": 4}
+_RELATION_CLASS = {"to the left of": (0, 1), "to the right of": (1, 0), "above": (2, 3), "below": (3, 2)}
+
+
+def layout_targets(tok, input_ids: torch.Tensor) -> torch.Tensor:
+    """For each token of a shapes caption: at a position caption's shape word the index in
+    ``LAYOUT_WORDS`` of its position ("a red circle on the left": circle -> left); at a relation
+    caption's two shape words the side each object takes ("A to the left of B": A's shape -> left,
+    B's -> right). -100 (ignored) everywhere else, and for any text outside the grammar (dropped
+    captions, fine-tuning captions). Needs a word-level tokenizer, as ``binding_targets``."""
+    target = torch.full(input_ids.shape, -100, dtype=torch.long)
+    for b, row in enumerate(input_ids.tolist()):
+        words = [t.lstrip("\u2581") for t in tok.convert_ids_to_tokens(row)]
+        try:
+            parsed = shapes.parse_caption(" ".join(w for w in words if w not in tok.all_special_tokens))
+        except ValueError:
+            continue
+        at = [j for j, w in enumerate(words) if w in shapes.SHAPES]  # singular shape words, in order
+        if parsed.kind == "position":
+            target[b, at[0]] = _POSITION_CLASS[parsed.objects[0].position]
+        elif parsed.kind == "relation":
+            target[b, at[0]], target[b, at[1]] = _RELATION_CLASS[parsed.relation]
+    return target
+
+
+def layout_loss(tok, text_encoder, states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of reading where each object goes (``layout_targets``) off its shape word's
+    output state, against the T5's input embeddings of ``LAYOUT_WORDS`` (tied, no new parameters,
+    as ``binding_loss``). 0 for a batch with no position or relation caption."""
+    target = layout_targets(tok, input_ids)
+    if not (target >= 0).any():
+        return states.sum() * 0.0
+    table = text_encoder.get_input_embeddings().weight
+    rows = table[torch.tensor(tok.convert_tokens_to_ids(["\u2581" + w for w in LAYOUT_WORDS]))].float()
+    logits = states @ rows.T  # (B, L, 5)
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
 def stage_record(step: int, hours: float, cfg) -> dict:
