@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import presets, runtime
-from .pipelines.common import check_prompt, per_stage
+from .pipelines.common import check_prompt, per_stage, per_stage_intervals
 from .sampling import SCHEDULERS, make_scheduler
 
 logger = logging.getLogger("imagen_lite")
@@ -154,8 +154,14 @@ def _dir_preset(path: Path, pipeline: str, fallback: presets.Preset) -> presets.
         tuple(d.get("guidance_scale", fallback.guidance_scale)),
         int(d.get("noise_level", fallback.noise_level)),
         sr_strength=float(d.get("sr_strength", fallback.sr_strength)),
+        guidance_interval=_pairs(d.get("guidance_interval", fallback.guidance_interval)),
         extra={"scheduler": d.get("scheduler")},
     )  # fmt: skip
+
+
+def _pairs(value) -> tuple:
+    """A JSON ``guidance_interval`` (a pair, or a list of pairs) as tuples."""
+    return tuple(tuple(v) for v in value) if value and isinstance(value[0], (list, tuple)) else tuple(value)
 
 
 def load_pipeline(pipeline: str = "imagen", model=None, device="auto", dtype="auto", offload: bool = False,
@@ -264,11 +270,12 @@ def check_call_kwargs(pipeline: str, kwargs: dict) -> None:
 
 
 def family_call_defaults(pipeline: str, preset: presets.Preset) -> dict:
-    """The pipeline-call keywords a model's preset fills in when the caller gives none: the
-    Imagen SR's :data:`IMAGEN_ONLY_KWARGS` from ``preset``; nothing for other families."""
+    """The pipeline-call keywords a model's preset fills in when the caller gives none: its
+    ``guidance_interval``, and for the Imagen family its SR's :data:`IMAGEN_ONLY_KWARGS`."""
     if pipeline != "imagen":
-        return {}
-    return {"noise_level": preset.noise_level, "sr_strength": preset.sr_strength}
+        return {"guidance_interval": preset.guidance_interval}
+    return {"guidance_interval": preset.guidance_interval, "noise_level": preset.noise_level,
+            "sr_strength": preset.sr_strength}  # fmt: skip
 
 
 def generate(
@@ -302,8 +309,10 @@ def generate(
         scheduler: swap the denoising scheduler by name (see ``sampling.SCHEDULERS``).
         offload: model CPU offload (each component on the GPU only while it runs) -- for
             large presets such as ``if-xl`` on GPUs under ~24 GB.
-        **kwargs: passed to the pipeline call (``noise_level``, ``sr_strength`` for imagen;
-            ``image_embeds`` for dalle2...); imagen's two default to the model's own.
+        **kwargs: passed to the pipeline call (``guidance_interval``: a ``(start, stop)`` pair or
+            one per stage, the fraction of a guided stage's steps that use guidance;
+            ``noise_level``, ``sr_strength`` for imagen; ``image_embeds`` for dalle2...);
+            ``guidance_interval`` and imagen's two default to the model's own.
     """
     # 1. Check inputs before loading anything
     presets.check_pipeline(pipeline)
@@ -322,6 +331,10 @@ def generate(
             per_stage(value, [f"stage {i}" for i in range(max(n, 1))], name, kind=kind)
     check_family_kwargs(pipeline, kwargs)
     check_call_kwargs(pipeline, kwargs)
+    if "guidance_interval" in kwargs:
+        value = kwargs["guidance_interval"]
+        n = len(value) if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)) else 1
+        per_stage_intervals(value, [f"stage {i}" for i in range(n)])
     dev = runtime.resolve_device(device)
     dt = runtime.resolve_dtype(dtype, dev)
     auto = device in (None, "auto")

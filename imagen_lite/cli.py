@@ -34,15 +34,30 @@ def _floats_or_float(text: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def add_sr_strength_argument(parser) -> None:
-    """``--sr-strength`` for the commands that call ``generate()`` (generate, eval shapes)."""
+def _interval(text: str) -> tuple[float, float]:
+    from .sampling import check_guidance_interval
+
+    try:
+        return check_guidance_interval(tuple(float(p) for p in text.split(",")), "--guidance-interval")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+
+def add_call_arguments(parser) -> None:
+    """``--guidance-interval`` and ``--sr-strength`` for the commands that call ``generate()``
+    (generate, eval shapes)."""
+    parser.add_argument("--guidance-interval", type=_interval, default=None, metavar="START,STOP",
+                        help="the fraction of each guided stage's steps that use guidance, 0 = the noisiest "
+                             "(e.g. 0,0.4; default: the model's)")  # fmt: skip
     parser.add_argument("--sr-strength", type=float, default=None,
                         help="imagen: where the SR stages start, in (0, 1]; 1 = from pure noise (default: the model's)")
 
 
-def sr_strength_kwargs(args) -> dict:
-    """``{"sr_strength": X}`` when ``--sr-strength`` was given, else ``{}`` (the model's default)."""
-    return {} if args.sr_strength is None else {"sr_strength": args.sr_strength}
+def call_kwargs(args) -> dict:
+    """The pipeline-call keywords given on the command line (``guidance_interval``,
+    ``sr_strength``); one not given is left to the model's default."""
+    given = {"guidance_interval": args.guidance_interval, "sr_strength": args.sr_strength}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def image_paths(out: str, n: int) -> list[Path]:
@@ -83,7 +98,7 @@ def cmd_generate(args) -> int:
         device=args.device,
         dtype=args.dtype,
         scheduler=args.scheduler,
-        **sr_strength_kwargs(args),
+        **call_kwargs(args),
     )
     for path, image in zip(paths, images):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="swap the denoising scheduler")
     g.add_argument("--seed", type=int, default=None)
-    add_sr_strength_argument(g)
+    add_call_arguments(g)
     g.add_argument("--n", type=int, default=1, help="images per prompt")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")

@@ -76,12 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-prompts", type=_positive_int, default=100, help="prompt-set size (balanced over kinds)")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt set")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per generate() call")
-    from .cli import _floats_or_float, _ints_or_int, add_sr_strength_argument
+    from .cli import _floats_or_float, _ints_or_int, add_call_arguments
 
     p.add_argument("--steps", type=_ints_or_int, default=None, help="num_inference_steps, one or per stage: 25 or 25,10")
     p.add_argument("--guidance", type=_floats_or_float, default=None, help="guidance_scale, one or per stage")
     p.add_argument("--scheduler", default=None, help="swap the scheduler: ddpm, ddim, dpm++, unipc, ...")
-    add_sr_strength_argument(p)
+    add_call_arguments(p)
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", default="auto", help="'auto', 'float32', 'float16', 'bfloat16'")
     p.add_argument("--out", default="shapes_eval.json", help="where to write the JSON result")
@@ -102,7 +102,7 @@ def data_shapes(args: argparse.Namespace) -> int:
 def eval_shapes(args: argparse.Namespace) -> int:
     """Handler of ``eval shapes``: generate, score, print the table, write JSON."""
     from .api import generate
-    from .cli import sr_strength_kwargs
+    from .cli import call_kwargs
     from .evaluation.shapes import evaluate, format_failures, format_table
 
     def generate_fn(prompts: list[str], seed: int):
@@ -117,7 +117,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             scheduler=args.scheduler,
-            **sr_strength_kwargs(args),
+            **call_kwargs(args),
         )
 
     seeds = tuple(range(args.seed_start, args.seed_start + args.seeds))
@@ -136,6 +136,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
         "guidance_scale": args.guidance,
         "scheduler": args.scheduler,
         "sr_strength": args.sr_strength,
+        "guidance_interval": args.guidance_interval,
         "device": args.device,
         "dtype": args.dtype,
         "seeds": list(seeds),

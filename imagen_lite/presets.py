@@ -46,6 +46,9 @@ class Preset:
     guidance_scale: tuple  # per stage
     noise_level: int = 250  # SR noise-conditioning augmentation (IF: 250)
     sr_strength: float = 1.0  # where the SR stages start (img2img strength; IF: 1, from pure noise)
+    # the fraction of a guided stage's steps that use guidance: one (start, stop) pair or one per
+    # stage (pipelines' ``guidance_interval``; IF and Karlo guide every step: (0, 1))
+    guidance_interval: tuple = (0.0, 1.0)
     variant: str | None = None  # weight file variant on the hub ("fp16" for IF)
     note: str = ""
     extra: dict = field(default_factory=dict)

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from imagen_lite import presets
+from imagen_lite.sampling import check_guidance_interval
 from imagen_lite.training.checkpoint import list_checkpoints
 from imagen_lite.training.default import (
     BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, export_base_checkpoint, export_cascade_carrying_sr, export_dalle2_checkpoint, export_sr_checkpoint,
@@ -88,6 +89,8 @@ def main(argv=None):
     p.add_argument("--family", choices=("imagen", "dalle2"), required=True)
     p.add_argument("--steps", required=True, help="per stage, comma-separated")
     p.add_argument("--guidance", required=True, help="per stage, comma-separated")
+    p.add_argument("--guidance-interval", default=None, metavar="START,STOP",
+                   help="the fraction of each guided stage's steps that use guidance (default: all, 0,1)")
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--noise-level", type=int, default=100)
     p.add_argument("--sr-strength", type=float, default=None,
@@ -102,6 +105,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     defaults = {"num_inference_steps": numbers(args.steps, int), "guidance_scale": numbers(args.guidance, float),
                 "scheduler": args.scheduler, "noise_level": args.noise_level}  # fmt: skip
+    if args.guidance_interval is not None:
+        try:
+            defaults["guidance_interval"] = list(check_guidance_interval(tuple(numbers(args.guidance_interval, float))))
+        except ValueError as err:
+            p.error(f"--guidance-interval {args.guidance_interval}: {err}")
     if args.family == "imagen":
         defaults["sr_strength"] = 1.0 if args.sr_strength is None else args.sr_strength
     elif args.sr_strength is not None:

@@ -283,3 +283,16 @@ def test_budget_speed_script_times_issue_10s_configurations(capsys):
     assert "Machine:" in out and "not comparable" in out
     with pytest.raises(SystemExit):
         module.main(["--batch", "0"])
+
+
+def test_latency_rows_name_a_limited_guidance_interval():
+    import dataclasses
+
+    from imagen_lite import presets
+    from imagen_lite.evaluation.bench import format_guidance
+
+    full = dataclasses.replace(presets.DEFAULT_IMAGEN, guidance_scale=(3.0, 1.0))
+    assert format_guidance(full) == "3,1"
+    assert format_guidance(dataclasses.replace(full, guidance_interval=(0.0, 0.4))) == "3,1 (steps [0, 0.4))"
+    per_stage = dataclasses.replace(full, guidance_interval=((0.0, 0.4), (0.0, 1.0)))
+    assert format_guidance(per_stage) == "3,1 (steps [0, 0.4))"

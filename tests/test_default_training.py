@@ -277,6 +277,11 @@ def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weig
         "num_inference_steps": [25, 10], "guidance_scale": [2.0, 1.0], "scheduler": "ddpm", "noise_level": 100,
         "sr_strength": 0.5}  # fmt: skip
     assert (shipped / "unet" / "weights.bin").read_bytes() == b"weights"
+    ship["main"](argv + ["--guidance-interval", "0,0.4"])  # recorded only when given
+    assert json.loads((shipped / presets.DEFAULTS_FILE).read_text())["guidance_interval"] == [0.0, 0.4]
+    with pytest.raises(SystemExit) as exit_info:
+        ship["main"](argv + ["--guidance-interval", "0.4,0.1"])
+    assert exit_info.value.code == 2 and "--guidance-interval 0.4,0.1: guidance_interval is (0.4, 0.1)" in capsys.readouterr().err
     monkeypatch.setattr(presets, "DEFAULT_DALLE2", dataclasses.replace(presets.DEFAULT_DALLE2, components={"dir": str(tmp_path / "dalle2")}))
     with pytest.raises(SystemExit) as exit_info:  # argparse's error: the DALL-E 2 SR has no img2img start
         ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--sr-strength", "0.5",

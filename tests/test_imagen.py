@@ -161,6 +161,95 @@ def test_generate_takes_sr_strength_from_the_model_dir(tiny_dir, tmp_path):
         handle.remove()
 
 
+def _record_batches(module):
+    """A forward pre-hook that records the batch size of every call of ``module``."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].shape[0]), with_kwargs=True)
+    return seen, handle
+
+
+def test_guidance_interval_guides_only_its_steps():
+    """guidance_interval=(start, stop): steps int(start*n) <= i < int(stop*n) run both CFG halves,
+    the others the conditional half alone (one forward); (0, 1) is the default and guides all."""
+    pipe = _quiet(build_tiny_imagen())
+    kw = dict(num_inference_steps=4, guidance_scale=3.0, num_stages=1, output_type="pt")
+    seen, handle = _record_batches(pipe.unet)
+    try:
+        full = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+        assert seen == [2, 2, 2, 2]
+        seen.clear()
+        same = pipe("a red circle", guidance_interval=(0, 1), generator=torch.Generator().manual_seed(0), **kw).images
+        assert torch.equal(full, same)
+        seen.clear()
+        early = pipe("a red circle", guidance_interval=(0.0, 0.5), generator=torch.Generator().manual_seed(0), **kw).images
+        assert seen == [2, 2, 1, 1]
+        seen.clear()
+        pipe("a red circle", guidance_interval=[(0.25, 0.75)], generator=torch.Generator().manual_seed(0), **kw)
+        assert seen == [1, 2, 2, 1]
+    finally:
+        handle.remove()
+    unguided = pipe("a red circle", generator=torch.Generator().manual_seed(0), **{**kw, "guidance_scale": 1.0}).images
+    assert not torch.allclose(early, full) and not torch.allclose(early, unguided)
+
+
+def test_denoise_outside_the_interval_is_the_conditional_branch():
+    """sampling.denoise with an interval equals a loop that guides inside it and, outside it,
+    takes the conditional prediction alone (what guidance 1 gives)."""
+    from diffusers import DDIMScheduler
+
+    from imagen_lite import sampling
+
+    context = torch.randn(4, 3)  # [uncond, cond] rows for a batch of 2
+
+    def model_fn(x, t, i):
+        c = sampling.conditional_rows(context, x)
+        return 0.1 * x + c[:, :, None, None] * (1 + int(t) / 1000)
+
+    def run(interval):
+        scheduler = DDIMScheduler(num_train_timesteps=1000)
+        scheduler.set_timesteps(5)
+        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        return sampling.denoise(model_fn, scheduler, x, scheduler.timesteps, guidance_scale=4.0,
+                                do_classifier_free_guidance=True, guidance_interval=interval)  # fmt: skip
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(5)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for i, t in enumerate(scheduler.timesteps):
+        if i < 2:  # int(0.4 * 5) = 2 guided steps
+            u, c = model_fn(torch.cat([x, x]), t, i).chunk(2)
+            out = u + 4.0 * (c - u)
+        else:
+            out = model_fn(x, t, i)
+        x = scheduler.step(out, t, x, return_dict=False)[0]
+    assert torch.allclose(run((0.0, 0.4)), x, atol=1e-6)
+    assert not torch.allclose(run((0.0, 1.0)), x, atol=1e-3)
+    assert sampling.guided_steps(10, (0.2, 0.6)) == [False] * 2 + [True] * 4 + [False] * 4
+
+
+def test_generate_takes_the_guidance_interval_from_the_model_dir(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    from imagen_lite import presets
+
+    model = tmp_path / "with_interval"
+    shutil.copytree(tiny_dir, model)
+    (model / presets.DEFAULTS_FILE).write_text(json.dumps({"guidance_scale": [3.0, 1.0], "guidance_interval": [0, 0.5]}))
+    pipe = imagen_lite.load_pipeline(model=str(model), device="cpu")
+    assert pipe.imagen_lite_preset.guidance_interval == (0, 0.5)
+    seen, handle = _record_batches(pipe.unet)
+    try:
+        imagen_lite.generate("a red circle", model=str(model), device="cpu", seed=0, size=16, num_inference_steps=4)
+        assert seen == [2, 2, 1, 1]
+        seen.clear()
+        imagen_lite.generate("a red circle", model=str(model), device="cpu", seed=0, size=16, num_inference_steps=4,
+                             guidance_interval=(0, 1))  # fmt: skip
+        assert seen == [2, 2, 2, 2]
+    finally:
+        handle.remove()
+
+
 # ---------------------------------------------------------------- generate() contract
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -324,6 +413,11 @@ def test_half_precision_nan_reruns_stage_in_float32():
         (dict(sr_strength="0.5"), ValueError, "sr_strength='0.5' must be a number"),
         (dict(sr_strength=0.2), ValueError, r"sr_strength=0.2 leaves no step of the 2 sr_32 steps.*>= 0.5"),
         (dict(pipeline="dalle2", sr_strength=0.5), ValueError, "sr_strength=0.5 applies to pipeline='imagen' only"),
+        (dict(guidance_interval=(0.5, 0.2)), ValueError, r"guidance_interval is \(0.5, 0.2\); it must be a pair \(start, stop\) with 0 <= start < stop <= 1"),
+        (dict(guidance_interval=(0, 1.5)), ValueError, "must be a pair .* <= 1"),
+        (dict(guidance_interval="0,0.4"), ValueError, "guidance_interval='0,0.4' must be a pair"),
+        (dict(guidance_interval=[(0, 0.4), (0.3, 0.3)]), ValueError, r"guidance_interval for stage 'stage 1' is \(0.3, 0.3\); it must"),
+        (dict(guidance_interval=[(0, 0.4)], size=32), ValueError, r"gives 1 pair\(s\) but this call runs 2 stage"),
         (dict(foo=1), ValueError, r"foo=1 is not a keyword of generate\(\) nor of the 'imagen' pipeline.*'sr_strength'"),
         (dict(pipeline="dalle2", prior_steps=5), ValueError, r"prior_steps=5 is not a keyword.*'dalle2'.*'image_embeds'"),
     ],
@@ -361,6 +455,19 @@ def test_cli_bad_input_exits_nonzero_without_traceback(tiny_dir, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "size=48 cannot be produced" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a bad pair never reaches generate()
+        main(["generate", "a red circle", "--model", tiny_dir, "--guidance-interval", "0.5"])
+    assert exit_info.value.code == 2 and "--guidance-interval is (0.5,); it must be a pair" in capsys.readouterr().err
+
+
+def test_cli_passes_the_guidance_interval(tiny_dir, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(api, "generate", lambda *a, **kw: seen.update(kw) or [Image.new("RGB", (16, 16))])
+    assert main(["generate", "a red circle", "--model", tiny_dir, "--guidance-interval", "0,0.4", "--out", str(tmp_path / "a.png")]) == 0
+    assert seen["guidance_interval"] == (0.0, 0.4) and "sr_strength" not in seen
+    seen.clear()
+    assert main(["generate", "a red circle", "--model", tiny_dir, "--out", str(tmp_path / "b.png")]) == 0
+    assert "guidance_interval" not in seen  # not given: the model's default
 
 
 def test_cli_checks_out_before_generating(tiny_dir, tmp_path, capsys, monkeypatch):

@@ -228,6 +228,27 @@ def test_prior_candidates_pick_the_embedding_closest_to_the_text(lite):
     assert torch.equal(one, lite("a red circle", generator=_gen(3), **kw).stage_images["prior"])  # 1 is the default
 
 
+def test_guidance_interval_guides_only_its_steps(lite):
+    """The prior's and decoder's steps outside guidance_interval run the conditional half alone
+    (one row per image, its conditioning the conditional rows); (0, 1) guides every step."""
+    batches = {}
+    hooks = [getattr(lite, name).register_forward_pre_hook(
+        lambda m, args, kwargs, name=name: batches.setdefault(name, []).append(args[0].shape[0]), with_kwargs=True)
+        for name in ("prior", "decoder")]  # fmt: skip
+    kw = dict(num_inference_steps=(4, 4, 2), guidance_scale=(4.0, 8.0, 1.0), num_stages=2, output_type="pt")
+    try:
+        full = lite("a red circle", generator=_gen(0), **kw).images
+        assert batches == {"prior": [2] * 4, "decoder": [2] * 4}
+        batches.clear()
+        part = lite("a red circle", guidance_interval=[(0.5, 1.0), (0.0, 0.5)], generator=_gen(0), **kw).images
+        assert batches == {"prior": [1, 1, 2, 2], "decoder": [2, 2, 1, 1]}
+    finally:
+        for h in hooks:
+            h.remove()
+    assert part.shape == full.shape and not torch.allclose(part, full)
+    assert torch.equal(full, lite("a red circle", guidance_interval=(0, 1), generator=_gen(0), **kw).images)
+
+
 def test_negative_prompt_and_prompt_embeds(lite):
     kw = dict(num_inference_steps=2, num_stages=2, guidance_scale=(4.0, 8.0), output_type="pt")
     base = lite("a red circle", generator=_gen(0), **kw).images
@@ -251,6 +272,8 @@ def test_negative_prompt_and_prompt_embeds(lite):
         (dict(guidance_scale=(4.0, -1.0, 1.0)), r"guidance_scale for stage 'decoder' is -1.0"),
         (dict(guidance_scale=(4.0, 8.0, 4.0)), r"guidance_scale for stage 'sr_32' is 4.0"),
         (dict(num_stages=1), r"num_stages=1 is not valid"),
+        (dict(guidance_interval=(0.4, 0.1)), r"guidance_interval is \(0.4, 0.1\); it must be a pair \(start, stop\)"),
+        (dict(guidance_interval=[(0, 1), (0, 2), (0, 1)]), r"guidance_interval for stage 'decoder' is \(0, 2\)"),
         (dict(output_type="jpg"), r"output_type='jpg' is not valid"),
         (dict(num_images_per_prompt=0), r"num_images_per_prompt=0"),
         (dict(prior_candidates=0), r"prior_candidates=0 must be a positive integer"),

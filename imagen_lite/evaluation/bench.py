@@ -597,7 +597,7 @@ def bench_quality(
     One row per (scheduler, steps), plus the directory's own default settings (its scheduler
     and steps, from ``imagen_lite_defaults.json``; ``default=(scheduler, steps)`` names them
     for a directory that has none, e.g. a training export before it is shipped);
-    ``guidance`` defaults to the directory's.
+    ``guidance`` defaults to the directory's; its ``guidance_interval`` applies either way.
     Returns ``{"rows", "acceptance"}``: ``acceptance`` compares the default row with
     ``reference`` (accuracy within 1 point in at most 1/4 of its CPU time) when both ran;
     it is not judged (``met`` None) while the reference scores below ``min_reference_accuracy``.
@@ -615,7 +615,8 @@ def bench_quality(
 
         def gen(prompts, seed):
             generator = torch.Generator().manual_seed(seed)
-            return pipe(prompts, num_inference_steps=k, guidance_scale=g, num_stages=1, generator=generator).images
+            return pipe(prompts, num_inference_steps=k, guidance_scale=g, guidance_interval=preset.guidance_interval,
+                        num_stages=1, generator=generator).images  # fmt: skip
 
         start, cpu = time.perf_counter(), time.process_time()
         result = evaluate(gen, n_prompts=n_prompts, seeds=tuple(seeds), batch_size=batch_size)
@@ -702,12 +703,23 @@ def bench_latency(models: dict[str, str | None], size: int = 256, rounds: int = 
         sr = kwargs.get("sr_strength", preset.sr_strength) if family == "imagen" else None
         rows.append({
             "family": family, "model": models[family] or "embedded default", "px": size,
-            "steps": ",".join(str(k) for k in preset.num_inference_steps), "guidance": ",".join(f"{g:g}" for g in preset.guidance_scale),
+            "steps": ",".join(str(k) for k in preset.num_inference_steps), "guidance": format_guidance(preset),
             "sr_strength": "--" if sr is None else f"{sr:g}" + ("" if kwargs else " (model's)"),
             "wall_s": wall, "wall_min": min(walls), "wall_max": max(walls), "cpu_s": median(m["cpu"] for m in measured),
             "rounds": len(measured), "target": "yes" if wall <= target_s else "no",
         })  # fmt: skip
     return rows
+
+
+def format_guidance(preset) -> str:
+    """A preset's guidance per stage, with its guidance interval when it is not every step:
+    ``"3,1 (steps [0, 0.4))"``."""
+    text = ",".join(f"{g:g}" for g in preset.guidance_scale)
+    interval = tuple(preset.guidance_interval)
+    if interval and not isinstance(interval[0], (list, tuple)):
+        interval = (interval,)
+    limited = sorted({tuple(v) for v in interval} - {(0.0, 1.0)})
+    return text + "".join(f" (steps [{a:g}, {b:g}))" for a, b in limited)
 
 
 TRAINING_COLUMNS = [

@@ -60,6 +60,23 @@ def per_stage(value, stages: Sequence[str], name: str, *, kind: str) -> tuple:
     return tuple(out)
 
 
+def per_stage_intervals(value, stages: Sequence[str], name: str = "guidance_interval") -> tuple:
+    """``guidance_interval`` per stage: one ``(start, stop)`` pair for every stage, or a tuple of
+    pairs, one per stage (longer allowed, as :func:`per_stage`). Each pair is checked by
+    :func:`imagen_lite.sampling.check_guidance_interval`."""
+    from ..sampling import check_guidance_interval
+
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{name}={value!r} must be a pair (start, stop) or one pair per stage {tuple(stages)}")
+    if not isinstance(value[0], (list, tuple)):  # one pair for every stage
+        return (check_guidance_interval(value, name),) * len(stages)
+    values = tuple(value)
+    if len(values) < len(stages):
+        raise ValueError(f"{name}={value!r} gives {len(values)} pair(s) but this call runs {len(stages)} stage(s) "
+                         f"{tuple(stages)}; pass one pair or one per stage")  # fmt: skip
+    return tuple(check_guidance_interval(v, f"{name} for stage {stage!r}") for stage, v in zip(stages, values))
+
+
 def check_coord_channels(coord_channels, unet, what: str) -> None:
     """A pipeline's ``coord_channels`` (x/y input channels of ``unet``, named ``what``): 0 or 2,
     leaving the UNet at least one image channel."""

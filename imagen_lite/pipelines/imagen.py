@@ -36,12 +36,14 @@ file reproduces diffusers' ``IFPipeline`` + ``IFSuperResolutionPipeline`` draw f
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import runtime, sampling
-from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, run_finite, timed, tokenize
+from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, per_stage_intervals, run_finite, timed, tokenize
 from .speed import reuse_constant_inputs
 
 
@@ -148,6 +150,7 @@ class ImagenPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         num_inference_steps=(100, 50, 50),
         guidance_scale=(7.0, 4.0, 4.0),
+        guidance_interval=(0.0, 1.0),
         noise_level: int = 250,
         sr_strength: float = 1.0,
         num_stages: int | None = None,
@@ -167,6 +170,10 @@ class ImagenPipeline(DiffusionPipeline):
                 ``negative_prompt_embeds`` computed with :meth:`encode_prompt`.
             num_inference_steps / guidance_scale: one value or one per stage, in stage order
                 (base, sr_256, sr_1024). Guidance > 1 turns on classifier-free guidance.
+            guidance_interval: ``(start, stop)``, or one pair per stage: the fraction of a
+                guided stage's steps that use guidance (0 = the noisiest step), as ``start`` /
+                ``stop`` of diffusers' ``ClassifierFreeGuidance`` guider; the other steps run
+                the conditional branch alone. ``(0, 1)`` (the default): every step, as IF.
             noise_level: noise-conditioning augmentation timestep for the SR stages (IF: 250).
             sr_strength: in (0, 1]; where each SR stage starts, as ``strength`` in diffusers'
                 img2img pipelines (``IFImg2ImgSuperResolutionPipeline``). 1 (IF, the default):
@@ -187,6 +194,7 @@ class ImagenPipeline(DiffusionPipeline):
         stages = all_stages[:n_stages]
         steps = per_stage(num_inference_steps, stages, "num_inference_steps", kind="steps")
         guidance = per_stage(guidance_scale, stages, "guidance_scale", kind="guidance")
+        intervals = per_stage_intervals(guidance_interval, stages)
         if prompt_embeds is None:
             prompts = check_prompt(prompt)
             if self.text_encoder is None:
@@ -252,12 +260,13 @@ class ImagenPipeline(DiffusionPipeline):
             context = text_context(cfg).to(unet.dtype)
 
             def model_fn(model_input, t, i):
-                return unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+                return unet(model_input, t, encoder_hidden_states=sampling.conditional_rows(context, model_input),
+                            return_dict=False)[0]  # fmt: skip
 
             with self.progress_bar(total=steps[0]) as bar, reuse_constant_inputs(unet):
                 x = sampling.denoise(
                     model_fn, scheduler, x, scheduler.timesteps,
-                    guidance_scale=guidance[0], do_classifier_free_guidance=cfg, cond_image=grid,
+                    guidance_scale=guidance[0], do_classifier_free_guidance=cfg, guidance_interval=intervals[0], cond_image=grid,
                     step_kwargs=sampling.scheduler_step_kwargs(scheduler, generator),
                     progress_bar=bar, callback=callback,
                 )  # fmt: skip
@@ -298,12 +307,14 @@ class ImagenPipeline(DiffusionPipeline):
                 context = text_context(cfg).to(unet.dtype)
 
                 def model_fn(model_input, t, i):
-                    return unet(model_input, t, encoder_hidden_states=context, class_labels=labels, return_dict=False)[0]
+                    rows = functools.partial(sampling.conditional_rows, model_input=model_input)
+                    return unet(model_input, t, encoder_hidden_states=rows(context), class_labels=rows(labels), return_dict=False)[0]
 
                 with self.progress_bar(total=len(timesteps)) as bar, reuse_constant_inputs(unet):
                     x = sampling.denoise(
                         model_fn, scheduler, x, timesteps,
-                        guidance_scale=guidance[k], do_classifier_free_guidance=cfg, cond_image=upscaled,
+                        guidance_scale=guidance[k], do_classifier_free_guidance=cfg, guidance_interval=intervals[k],
+                        cond_image=upscaled,
                         step_kwargs=sampling.scheduler_step_kwargs(scheduler, generator),
                         progress_bar=bar, callback=callback,
                     )  # fmt: skip

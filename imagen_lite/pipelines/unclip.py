@@ -35,6 +35,7 @@ which ``tests/test_unclip.py`` checks.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import NamedTuple
 
@@ -45,7 +46,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import runtime, sampling
 from ..models.text_proj import UnCLIPTextProjection
-from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, run_finite, timed, tokenize
+from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, per_stage_intervals, run_finite, timed, tokenize
 from .speed import reuse_constant_inputs
 
 
@@ -171,6 +172,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         num_inference_steps=(25, 25, 7),
         guidance_scale=(4.0, 8.0, 1.0),
+        guidance_interval=(0.0, 1.0),
         num_stages: int | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
@@ -193,6 +195,10 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 (prior, decoder, sr). Guidance > 1 turns on classifier-free guidance; the SR
                 stage takes none, so a single value applies to the prior and decoder, and a
                 tuple must give the SR stage 1.
+            guidance_interval: ``(start, stop)``, or one pair per stage: the fraction of the
+                prior's and decoder's steps that use guidance (0 = the noisiest step), as
+                ``start`` / ``stop`` of diffusers' ``ClassifierFreeGuidance`` guider; the other
+                steps run the conditional branch alone. ``(0, 1)`` (the default): every step.
             num_stages: run only the first N stages, the prior included (2: 64px; default: all).
             generator: a seeded ``torch.Generator``; all noise is drawn from it in order.
             prior_candidates: image embeddings the prior draws per image; the decoder gets the
@@ -224,6 +230,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 f"guidance_scale for stage {stages[2]!r} is {guidance[2]!r}; the unCLIP super-resolution UNets take "
                 "no text, so it must be 1"
             )
+        intervals = per_stage_intervals(guidance_interval, stages)
         if prompt_embeds is None:
             prompts = check_prompt(prompt)
         elif prompt is not None:
@@ -296,15 +303,16 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             text = text_inputs(cfg_prior, prior.dtype, k)
 
             def model_fn(model_input, t, i):
+                rows = functools.partial(sampling.conditional_rows, model_input=model_input)
                 return prior(
-                    model_input, timestep=t, proj_embedding=text.text_embeds,
-                    encoder_hidden_states=text.hidden_states, attention_mask=text.mask,
+                    model_input, timestep=t, proj_embedding=rows(text.text_embeds),
+                    encoder_hidden_states=rows(text.hidden_states), attention_mask=rows(text.mask),
                 ).predicted_image_embedding  # fmt: skip
 
             with self.progress_bar(total=steps[0]) as bar, reuse_constant_inputs(prior):
                 z = sampling.denoise(
                     model_fn, scheduler, z, scheduler.timesteps,
-                    guidance_scale=guidance[0], do_classifier_free_guidance=cfg_prior,
+                    guidance_scale=guidance[0], do_classifier_free_guidance=cfg_prior, guidance_interval=intervals[0],
                     step_kwargs=_step_kwargs(scheduler, generator, scheduler.timesteps),
                     progress_bar=bar, callback=callback,
                 )  # fmt: skip
@@ -342,15 +350,17 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             x = x * scheduler.init_noise_sigma
 
             def model_fn(model_input, t, i):
+                rows = functools.partial(sampling.conditional_rows, model_input=model_input)
                 return decoder(
-                    model_input, t, encoder_hidden_states=context, class_labels=time_embeddings,
-                    attention_mask=mask, return_dict=False,
+                    model_input, t, encoder_hidden_states=rows(context), class_labels=rows(time_embeddings),
+                    attention_mask=rows(mask), return_dict=False,
                 )[0]  # fmt: skip
 
             with self.progress_bar(total=steps[1]) as bar, reuse_constant_inputs(decoder):
                 x = sampling.denoise(
                     model_fn, scheduler, x, scheduler.timesteps,
-                    guidance_scale=guidance[1], do_classifier_free_guidance=cfg_decoder, cond_image=grid,
+                    guidance_scale=guidance[1], do_classifier_free_guidance=cfg_decoder, guidance_interval=intervals[1],
+                    cond_image=grid,
                     step_kwargs=_step_kwargs(scheduler, generator, scheduler.timesteps),
                     progress_bar=bar, callback=callback,
                 )  # fmt: skip
