@@ -67,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "default: each model's own defaults")
     p.add_argument("--guidance", nargs="+", default=None, metavar="[PIPELINE=]G[,G...]",
                    help="guidance scale, like --steps")
+    p.add_argument("--guidance-interval", nargs="+", default=None, metavar="[PIPELINE=]START,STOP",
+                   help="the fraction of each guided stage's steps that use guidance, for every pipeline or per "
+                   "pipeline (imagen=0,0.4); default: each model's own")
     p.add_argument("--scheduler", default=None, help="swap every pipeline's scheduler: ddpm, ddim, dpm++, unipc, ...")
     p.add_argument("--clip", default="auto",
                    help="CLIP for the CLIP score: 'auto' (the dalle2 pipeline's own, when it ships one), "
@@ -80,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Handler of ``compare``: run, save, say where."""
-    from .cli import _floats_or_float, _ints_or_int
+    from .cli import _floats_or_float, _interval, _ints_or_int
     from .evaluation.compare import compare, read_prompts_file
 
     prompts = list(args.prompt)
@@ -98,8 +101,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             models[key] = value
     steps = _per_pipeline(args.steps, "steps", _ints_or_int)
     guidance = _per_pipeline(args.guidance, "guidance", _floats_or_float)
+    interval = _per_pipeline(args.guidance_interval, "guidance-interval", _interval)
     kwargs, own = {}, {}
-    for name, given in (("num_inference_steps", steps), ("guidance_scale", guidance)):
+    for name, given in (("num_inference_steps", steps), ("guidance_scale", guidance), ("guidance_interval", interval)):
         for key, value in given.items():
             if key == "*":
                 kwargs[name] = value

@@ -226,6 +226,18 @@ def test_per_pipeline_settings_and_policy(dirs, models):
     assert r.summary["dalle2"]["steps"] == {"prior": 2, "decoder": 3}
     assert r.summary["dalle2"]["guidance"] == {"prior": 2.0, "decoder": 2.0}
     assert "set per pipeline" in r.config["step_policy"]
+    assert "guided steps" not in r.markdown()  # every step guided: no row
+
+
+def test_guidance_interval_is_passed_and_reported(models):
+    r = compare("a red circle", models=models, seeds=(0,), size=16, device="cpu", clip=None, progress=False,
+                imagen={"num_inference_steps": 4, "guidance_scale": 3.0, "guidance_interval": (0, 0.5)},
+                dalle2={"num_inference_steps": 2})  # fmt: skip
+    assert r.summary["imagen"]["guidance_interval"] == {"base": (0.0, 0.5)}
+    assert "| guided steps (fraction) | [0, 0.5) | [0, 1) / [0, 1) |" in r.markdown()
+    got = imagen_lite.generate("a red circle", model=models["imagen"], seed=0, size=16, num_inference_steps=4,
+                               guidance_scale=3.0, guidance_interval=(0, 0.5), device="cpu")  # fmt: skip
+    assert np.array_equal(np.asarray(got[0]), np.asarray(r.images[("imagen", 0, 0)]))
 
 
 def test_imagen_sr_strength_is_passed_and_reported(models):
@@ -285,9 +297,11 @@ def test_cli_compare_writes_a_report(models, tmp_path, capsys):
     out = tmp_path / "report"
     code = main(["compare", "a red circle", "--prompts-file", str(tmp_path / "prompts.txt"), "--models",
                  f"imagen={models['imagen']}", f"dalle2={models['dalle2']}", "--seeds", "0", "3", "--size", "32",
-                 "--steps", "imagen=2", "dalle2=2,2,2", "--device", "cpu", "--out", str(out)])  # fmt: skip
+                 "--steps", "imagen=2", "dalle2=2,2,2", "--guidance-interval", "imagen=0,0.5", "--device", "cpu",
+                 "--out", str(out)])  # fmt: skip
     assert code == 0
     doc = json.loads((out / "metrics.json").read_text())
+    assert doc["pipelines"]["imagen"]["guidance_interval"]["base"] == [0.0, 0.5]
     assert doc["config"]["prompts"] == ["a red circle", "a blue square"] and doc["config"]["seeds"] == [0, 3]
     assert doc["pipelines"]["dalle2"]["steps"] == {"prior": 2, "decoder": 2, "sr_32": 2}
     assert Image.open(out / "grid.png").size == grid_size(2, 4, GRID["cell_min"])
@@ -301,6 +315,8 @@ def test_cli_compare_writes_a_report(models, tmp_path, capsys):
         (["compare", "a red circle", "--pipelines", "imagen", "dalle3", "--out", "X"], "'dalle3' is not known"),
         (["compare", "a red circle", "--models", "imagen", "--out", "X"], "is not PIPELINE=MODEL"),
         (["compare", "a red circle", "--steps", "sd=3", "--out", "X"], "'sd' is not a pipeline"),
+        (["compare", "a red circle", "--guidance-interval", "imagen=0.6,0.2", "--out", "X"],
+         r"--guidance-interval 'imagen=0.6,0.2'.*it must be a pair \(start, stop\)"),
     ],
 )
 def test_cli_errors_exit_2_without_traceback(argv, match, capsys):

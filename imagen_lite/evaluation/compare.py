@@ -51,7 +51,7 @@ __all__ = ["compare", "ComparisonReport", "ClipScorer", "clip_layout", "resolve_
 
 # Generation settings compare() passes to a pipeline: given as keywords they apply to every
 # pipeline; inside a per-pipeline dict (``dalle2={...}``) to that one only.
-GENERATION_KWARGS = ("num_inference_steps", "guidance_scale", "negative_prompt", "scheduler", "noise_level", "sr_strength", "offload")
+GENERATION_KWARGS = ("num_inference_steps", "guidance_scale", "guidance_interval", "negative_prompt", "scheduler", "noise_level", "sr_strength", "offload")
 
 
 # ---------------------------------------------------------------------- input checks
@@ -459,6 +459,8 @@ class ComparisonReport:
         row("stages", lambda s: s["stages"])
         row("steps", lambda s: " / ".join(str(v) for v in s["steps"].values()))
         row("guidance", lambda s: " / ".join(str(v) for v in s["guidance"].values()))
+        if any(tuple(v) != (0.0, 1.0) for p in cols for v in self.summary[p].get("guidance_interval", {}).values()):
+            row("guided steps (fraction)", lambda s: " / ".join(f"[{a:g}, {b:g})" for a, b in s.get("guidance_interval", {}).values()))
         if any(self.summary[p].get("sr_strength") is not None for p in cols):
             row("SR strength (img2img start)", lambda s: "-" if s.get("sr_strength") is None else s["sr_strength"])
         row("median s / image", lambda s: s["median_seconds_per_image"])
@@ -700,7 +702,7 @@ def compare(
     from tqdm.auto import tqdm
 
     from .. import api, runtime
-    from ..pipelines.common import per_stage
+    from ..pipelines.common import per_stage, per_stage_intervals
 
     # 1. Check inputs before loading anything
     prompts = _check_prompts(prompts)
@@ -777,6 +779,7 @@ def compare(
             "size": images[(pipeline, 0, seeds[0])].size[0],
             "steps": dict(zip(stages, steps)),
             "guidance": dict(zip(stages, guidance)),
+            "guidance_interval": dict(zip(stages, per_stage_intervals(s.get("guidance_interval", (0.0, 1.0)), stages))),
             "sr_strength": s.get("sr_strength") if pipeline == "imagen" and n_stages > 1 else None,
             "load_seconds": _r(load_seconds, 4),
             "median_seconds_per_image": _r(statistics.median(seconds), 4),
