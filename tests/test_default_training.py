@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import imagen_lite
@@ -695,3 +696,41 @@ def test_the_layout_loss_is_learnable_and_off_by_default():
     none = tok(["three red circles", ""], padding="max_length", max_length=cfg.max_length, return_tensors="pt").input_ids
     assert D.layout_loss(tok, t5, t5(none)[0], none).item() == 0.0  # no layout in the batch: no term
     D.check_base_phases({"20600": {"layout_weight": 0.5}})  # a phase may switch it on
+
+
+def test_probe_text_layout_reads_sides_off_shape_words(tmp_path, capsys):
+    """scripts/probe_text_layout.py: every relation caption once, each shape word labelled with
+    its object's side; the probe finds a side that the features carry and not one they lack;
+    end to end on an exported tiny base."""
+    import runpy
+
+    probe = runpy.run_path(str(imagen_lite.__path__[0] + "/../scripts/probe_text_layout.py"))
+    captions = probe["relation_captions"]()
+    assert len(captions) == len({c for c, _ in captions}) == 18 * 17 * 4
+    assert ("a red circle to the left of a blue square", 0) in captions and ("an orange square below a red circle", 3) in captions
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (400,), generator=gen)
+    noise = torch.randn(400, 16, generator=gen)
+    carried = noise + 5 * F.one_hot(y, 16).float()
+    assert probe["probe_accuracy"](carried, y) > 0.9 and probe["probe_accuracy"](noise, y) < 0.45
+    D.train_base(tiny_base_cfg(), tmp_path / "run", minutes=10, resume=None, max_steps=2, export_dir=tmp_path / "pipe")
+    tok, encode = probe["load_text_encoder"](tmp_path / "pipe")
+    x, sides = probe["shape_word_features"](tok, encode, captions[:4])
+    assert x.shape[0] == 8 and sides.tolist()[:2] == [captions[0][1], probe["OPPOSITE"][captions[0][1]]]
+    acc = probe["main"]([str(tmp_path / "pipe")])
+    assert 0.0 <= acc <= 1.0 and "probe test accuracy" in capsys.readouterr().out
+
+
+def test_probe_dalle2_binding_runs_both_checks_on_the_shipped_default(capsys):
+    """scripts/probe_dalle2_binding.py, a few prompts: the clip check is a share, the oracle
+    counts every two-object / relation image once per conditioning."""
+    import runpy
+
+    probe = runpy.run_path(str(imagen_lite.__path__[0] + "/../scripts/probe_dalle2_binding.py"))
+    out = probe["main"](["--pairs", "2", "--seeds", "0", "--n-prompts", "10"])
+    assert 0.0 <= out["clip"] <= 1.0
+    kinds = {"two_objects": 2, "relation": 2}  # prompt_set(10) takes turns over the 5 kinds
+    for mode in ("prior", "oracle"):
+        for kind, n in kinds.items():
+            assert sum(out["oracle"][(mode, kind)].values()) == n
+    assert "oracle: prior " in capsys.readouterr().out
