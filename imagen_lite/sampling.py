@@ -30,6 +30,7 @@ draws in the same order, same scheduler calls), which the equivalence tests chec
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Iterable
 
 import torch
@@ -46,7 +47,7 @@ FULL_INTERVAL = (0.0, 1.0)
 def check_guidance_interval(interval, where: str = "guidance_interval") -> tuple[float, float]:
     """``(start, stop)`` with ``0 <= start < stop <= 1`` (fractions of a stage's steps) -> floats."""
     ok = isinstance(interval, (list, tuple)) and len(interval) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)  # fmt: skip
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in interval)  # fmt: skip
     if not ok or not 0.0 <= interval[0] < interval[1] <= 1.0:
         raise ValueError(f"{where} is {interval!r}; it must be a pair (start, stop) with 0 <= start < stop <= 1: "
                          "the fractions of a stage's steps that are guided, (0, 1) for all of them")  # fmt: skip
