@@ -622,34 +622,49 @@ def test_binding_targets_pair_each_colour_with_the_shape_after_it():
     assert (to_colour[3] < 0).all() and (to_shape[3] < 0).all()  # a dropped caption has no targets
 
 
-def test_the_binding_loss_is_learnable_and_off_by_default():
-    """binding_weight > 0 adds a term the T5 can drive down (its outputs come to name each object's
-    colour at its shape word); 0 leaves the diffusion loss exactly as before."""
+AUXILIARY_TEXT_LOSSES = {
+    # field: (loss, two captions that differ only in what the term reads, a training batch with the
+    # term, a batch with nothing for it to read)
+    "binding_weight": ("binding_loss", ["a red circle and a blue square", "a blue circle and a red square"],
+                       ["a red circle and a blue square", "a green triangle"], ["", "a cat on the left"]),
+    "layout_weight": ("layout_loss", ["a red circle above a blue square", "a blue square above a red circle"],
+                      ["a red circle below a blue square", "a green triangle on the right"], ["three red circles", ""]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("field", sorted(AUXILIARY_TEXT_LOSSES))
+def test_auxiliary_text_losses_are_learnable_and_off_by_default(field):
+    """binding_weight / layout_weight > 0 add a term the T5 can drive down (its outputs come to
+    name each object's colour / side at its shape word; the two captions have the same words, so
+    only binding / word order tells them apart); 0 leaves the diffusion loss exactly as before;
+    a batch with nothing to read adds nothing; a phase may switch the term on."""
+    name, pair, texts, nothing = AUXILIARY_TEXT_LOSSES[field]
+    aux = getattr(D, name)
     cfg = tiny_base_cfg()
     tok, t5, _unet, _ = D.build_base(cfg)
-    captions = ["a red circle and a blue square", "a blue circle and a red square"] * 4
-    ids = tok(captions, padding="max_length", max_length=cfg.max_length, return_tensors="pt").input_ids
+    ids = tok(pair * 4, padding="max_length", max_length=cfg.max_length, return_tensors="pt").input_ids
     opt = torch.optim.AdamW(t5.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
-        loss = D.binding_loss(tok, t5, t5(ids)[0], ids)
+        loss = aux(tok, t5, t5(ids)[0], ids)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.2 * losses[0], losses[::10]  # the two captions differ only in binding
+    assert losses[-1] < 0.2 * losses[0], losses[::10]
     # in the training loss: the term is added only when asked for
     tok, t5, unet, scheduler = D.build_base(cfg)
     model = D.Trainable(t5, unet)
     images = torch.zeros(2, 3, 64, 64)
-    texts = ["a red circle and a blue square", "a green triangle"]
     off = D.loss_fn(tiny_base_cfg(caption_dropout=0.0), model, tok, scheduler, images, texts, torch.Generator().manual_seed(0))
-    on = D.loss_fn(tiny_base_cfg(caption_dropout=0.0, binding_weight=1.0), model, tok, scheduler, images, texts,
+    on = D.loss_fn(tiny_base_cfg(caption_dropout=0.0, **{field: 1.0}), model, tok, scheduler, images, texts,
                    torch.Generator().manual_seed(0))  # fmt: skip
     ids = tok(texts, padding="max_length", max_length=cfg.max_length, return_tensors="pt")
-    extra = D.binding_loss(tok, t5, t5(ids.input_ids, attention_mask=ids.attention_mask)[0], ids.input_ids)
-    assert torch.allclose(on - off, extra, rtol=1e-4, atol=1e-5)
-    D.check_base_phases({"20600": {"binding_weight": 0.05}})  # a phase may switch it on
+    extra = aux(tok, t5, t5(ids.input_ids, attention_mask=ids.attention_mask)[0], ids.input_ids)
+    assert extra > 0 and torch.allclose(on - off, extra, rtol=1e-4, atol=1e-5)
+    none = tok(nothing, padding="max_length", max_length=cfg.max_length, return_tensors="pt").input_ids
+    assert aux(tok, t5, t5(none)[0], none).item() == 0.0  # nothing to read in the batch: no term
+    D.check_base_phases({"20600": {field: 0.05}})
 
 
 def test_layout_targets_name_where_each_object_goes():
@@ -665,37 +680,6 @@ def test_layout_targets_name_where_each_object_goes():
     assert found[1] == {2: side("below"), 6: side("above")}
     assert found[2] == {3: side("above")} and found[3] == {2: side("center")}  # "at the top": the upper class
     assert found[4:] == [{}, {}, {}, {}]  # no layout named, dropped, or outside the grammar (<unk> words)
-
-
-def test_the_layout_loss_is_learnable_and_off_by_default():
-    """layout_weight > 0 adds a term the T5 can drive down only by reading word order (the two
-    captions have the same words); 0 leaves the diffusion loss exactly as before."""
-    cfg = tiny_base_cfg()
-    tok, t5, _unet, _ = D.build_base(cfg)
-    captions = ["a red circle above a blue square", "a blue square above a red circle"] * 4
-    ids = tok(captions, padding="max_length", max_length=cfg.max_length, return_tensors="pt").input_ids
-    opt = torch.optim.AdamW(t5.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(60):
-        loss = D.layout_loss(tok, t5, t5(ids)[0], ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.2 * losses[0], losses[::10]
-    tok, t5, unet, scheduler = D.build_base(cfg)
-    model = D.Trainable(t5, unet)
-    images = torch.zeros(2, 3, 64, 64)
-    texts = ["a red circle below a blue square", "a green triangle on the right"]
-    off = D.loss_fn(tiny_base_cfg(caption_dropout=0.0), model, tok, scheduler, images, texts, torch.Generator().manual_seed(0))
-    on = D.loss_fn(tiny_base_cfg(caption_dropout=0.0, layout_weight=1.0), model, tok, scheduler, images, texts,
-                   torch.Generator().manual_seed(0))  # fmt: skip
-    ids = tok(texts, padding="max_length", max_length=cfg.max_length, return_tensors="pt")
-    extra = D.layout_loss(tok, t5, t5(ids.input_ids, attention_mask=ids.attention_mask)[0], ids.input_ids)
-    assert extra > 0 and torch.allclose(on - off, extra, rtol=1e-4, atol=1e-5)
-    none = tok(["three red circles", ""], padding="max_length", max_length=cfg.max_length, return_tensors="pt").input_ids
-    assert D.layout_loss(tok, t5, t5(none)[0], none).item() == 0.0  # no layout in the batch: no term
-    D.check_base_phases({"20600": {"layout_weight": 0.5}})  # a phase may switch it on
 
 
 def test_probe_text_layout_reads_sides_off_shape_words(tmp_path, capsys):
