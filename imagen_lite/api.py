@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import presets, runtime
-from .pipelines.common import check_prompt, per_stage, per_stage_intervals
+from .pipelines.common import check_prompt, is_one_interval, per_stage, per_stage_intervals
 from .sampling import SCHEDULERS, make_scheduler
 
 logger = logging.getLogger("imagen_lite")
@@ -161,7 +161,7 @@ def _dir_preset(path: Path, pipeline: str, fallback: presets.Preset) -> presets.
 
 def _pairs(value) -> tuple:
     """A JSON ``guidance_interval`` (a pair, or a list of pairs) as tuples."""
-    return tuple(tuple(v) for v in value) if value and isinstance(value[0], (list, tuple)) else tuple(value)
+    return tuple(value) if is_one_interval(value) else tuple(tuple(v) for v in value)
 
 
 def load_pipeline(pipeline: str = "imagen", model=None, device="auto", dtype="auto", offload: bool = False,
@@ -333,7 +333,7 @@ def generate(
     check_call_kwargs(pipeline, kwargs)
     if "guidance_interval" in kwargs:
         value = kwargs["guidance_interval"]
-        n = len(value) if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)) else 1
+        n = 1 if is_one_interval(value) else len(value)
         per_stage_intervals(value, [f"stage {i}" for i in range(n)])
     dev = runtime.resolve_device(device)
     dt = runtime.resolve_dtype(dtype, dev)

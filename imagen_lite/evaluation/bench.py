@@ -715,9 +715,9 @@ def format_guidance(preset) -> str:
     """A preset's guidance per stage, with its guidance interval when it is not every step:
     ``"3,1 (steps [0, 0.4))"``."""
     text = ",".join(f"{g:g}" for g in preset.guidance_scale)
-    interval = tuple(preset.guidance_interval)
-    if interval and not isinstance(interval[0], (list, tuple)):
-        interval = (interval,)
+    from ..pipelines.common import is_one_interval
+
+    interval = (preset.guidance_interval,) if is_one_interval(preset.guidance_interval) else preset.guidance_interval
     limited = sorted({tuple(v) for v in interval} - {(0.0, 1.0)})
     return text + "".join(f" (steps [{a:g}, {b:g}))" for a, b in limited)
 

@@ -60,6 +60,12 @@ def per_stage(value, stages: Sequence[str], name: str, *, kind: str) -> tuple:
     return tuple(out)
 
 
+def is_one_interval(value) -> bool:
+    """Whether a ``guidance_interval`` is one ``(start, stop)`` pair (for every stage) rather than
+    a sequence of pairs, one per stage."""
+    return not (isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)))
+
+
 def per_stage_intervals(value, stages: Sequence[str], name: str = "guidance_interval") -> tuple:
     """``guidance_interval`` per stage: one ``(start, stop)`` pair for every stage, or a tuple of
     pairs, one per stage (longer allowed, as :func:`per_stage`). Each pair is checked by
@@ -68,7 +74,7 @@ def per_stage_intervals(value, stages: Sequence[str], name: str = "guidance_inte
 
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"{name}={value!r} must be a pair (start, stop) or one pair per stage {tuple(stages)}")
-    if not isinstance(value[0], (list, tuple)):  # one pair for every stage
+    if is_one_interval(value):
         return (check_guidance_interval(value, name),) * len(stages)
     values = tuple(value)
     if len(values) < len(stages):

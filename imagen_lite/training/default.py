@@ -193,7 +193,7 @@ class BaseRunConfig:
     # to move the T5 at all. Binding from step 0 of a new lineage did pay: BASE_RECIPES["v3"].
     binding_weight: float = 0.0
     # Weight of an auxiliary layout loss on the T5's outputs (0: off; ``layout_loss``). Sixteenth
-    # session: a linear probe (``/work/runs/s16/probe_rel.py``: every relation caption of the
+    # session: a linear probe (``scripts/probe_text_layout.py``: every relation caption of the
     # grammar, 70/30 split) reads an object's side in a relation caption off v3's T5 output at its
     # shape word 38% of the time (chance 25%), and v3's relations sit at chance (20%; 47 of 120
     # relation images have the right objects on the wrong sides). The binding loss's remedy again:
