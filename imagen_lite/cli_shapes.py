@@ -1,4 +1,4 @@
-"""CLI subcommands of the shapes domain: ``data shapes`` and ``eval shapes``.
+"""CLI subcommands of the shapes domain: ``data shapes``, ``eval shapes`` and ``eval paired``.
 
 ``register(subparsers)`` adds them to the main CLI's subparsers object. It creates the
 ``data`` and ``eval`` commands, or reuses them when the main CLI already has them, so other
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["register", "data_shapes", "eval_shapes"]
+__all__ = ["register", "data_shapes", "eval_shapes", "eval_paired"]
 
 
 def _subcommands(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
@@ -87,6 +87,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="shapes_eval.json", help="where to write the JSON result")
     p.set_defaults(func=eval_shapes)
 
+    p = ev.add_parser(
+        "paired",
+        help="compare two 'eval shapes' results image by image",
+        description="Count the images (same caption, same seed) right in one 'eval shapes' JSON "
+        "and wrong in the other, per category, with the sign test's z (McNemar). Both must come "
+        "from the same prompt set and seeds.",
+    )
+    p.add_argument("a", help="first eval shapes JSON")
+    p.add_argument("b", help="second eval shapes JSON")
+    p.set_defaults(func=eval_paired)
+
 
 def data_shapes(args: argparse.Namespace) -> int:
     """Handler of ``data shapes``: write the imagefolder and say where."""
@@ -151,4 +162,29 @@ def eval_shapes(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": config, **result}, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")
+    return 0
+
+
+def _load_result(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SystemExit(f"eval paired: no such file {path!r} (pass two 'eval shapes --out' JSON files)")
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"eval paired: {path!r} is not JSON ({err})")
+
+
+def eval_paired(args: argparse.Namespace) -> int:
+    """Handler of ``eval paired``: print the paired table of two ``eval shapes`` results."""
+    from .evaluation.shapes import format_paired, paired
+
+    a, b = _load_result(args.a), _load_result(args.b)
+    try:
+        result = paired(a, b)
+    except ValueError as err:
+        raise SystemExit(f"eval paired: {err}")
+    for path, r in ((args.a, a), (args.b, b)):
+        cats = ", ".join(f"{k} {100 * v:.1f}" for k, v in r.get("per_category", {}).items())
+        print(f"{path}: {100 * r.get('overall', 0.0):.1f}% ({cats})")
+    print(format_paired(result, "a", "b"))
     return 0

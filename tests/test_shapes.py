@@ -40,8 +40,10 @@ from imagen_lite.evaluation.shapes import (
     evaluate,
     failure_mode,
     format_failures,
+    format_paired,
     format_table,
     label_components,
+    paired,
     score_image,
 )
 
@@ -630,3 +632,63 @@ def test_contrast_groups_share_objects_and_differ_only_in_position_or_relation()
     assert {"position", "relation", "single"} <= kinds
     with pytest.raises(ValueError, match="contrast_group must be an int >= 1"):
         S.ShapesDataset(contrast_group=0)
+
+
+# ----------------------------------------------------------------------- paired comparison
+
+
+def test_paired_counts_the_images_right_in_one_evaluation_only():
+    truth = _ground_truth_fn()
+
+    def blank_singles_at_seed_1(prompts, seed):  # wrong exactly on the single-object images of seed 1
+        images = truth(prompts, seed)
+        kinds = [S.parse_caption(p).kind for p in prompts]
+        return [Image.new("RGB", (64, 64), "white") if seed == 1 and k == "single" else im
+                for im, k in zip(images, kinds)]
+
+    a = evaluate(truth, n_prompts=25, seeds=(0, 1))
+    b = evaluate(blank_singles_at_seed_1, n_prompts=25, seeds=(0, 1))
+    n_single = sum(1 for r in b["records"] if r["kind"] == "single" and r["seed"] == 1)
+    assert n_single > 0 and b["overall"] < 1.0
+    result = paired(a, b)
+    assert (result["n_images"], result["only_a"], result["only_b"]) == (50, n_single, 0)
+    assert result["both"] == 50 - n_single and result["neither"] == 0
+    assert result["z"] == pytest.approx(n_single**0.5)
+    assert result["per_category"]["single"]["only_a"] == n_single
+    assert sum(c["only_a"] for c in result["per_category"].values()) == n_single
+    reverse = paired(b, a)
+    assert (reverse["only_a"], reverse["only_b"], reverse["z"]) == (0, n_single, -result["z"])
+    assert f"| **all** | **50** | **{n_single}** | **0** |" in format_paired(result)
+
+
+def test_paired_matches_repeated_captions_copy_by_copy_and_needs_shared_images():
+    def rec(caption, seed, ok):
+        return {"caption": caption, "kind": "single", "seed": seed, "ok": ok}
+
+    # "a red circle" twice at seed 0: the first copy is right in a only, the second in b only
+    a = {"records": [rec("a red circle", 0, True), rec("a red circle", 0, False), rec("a blue square", 0, True)]}
+    b = {"records": [rec("a red circle", 0, False), rec("a red circle", 0, True), rec("a blue square", 0, True)]}
+    result = paired(a, b)
+    assert (result["n_images"], result["only_a"], result["only_b"], result["both"]) == (3, 1, 1, 1)
+    c = {"records": [rec("a red circle", 0, True), rec("a green triangle", 0, True)]}
+    result = paired(a, c)
+    assert (result["n_images"], result["only_in_a"], result["only_in_b"]) == (1, 2, 1)  # a's second copy has no match
+    assert "not compared: 2 images only in a, 1 only in b" in format_paired(result)
+    with pytest.raises(ValueError, match="share no image"):
+        paired(a, {"records": [rec("a red circle", 5, True)]})
+    with pytest.raises(ValueError, match="no 'records' list"):
+        paired(a, {"overall": 0.5})
+
+
+def test_cli_eval_paired(tmp_path, capsys):
+    a = evaluate(_ground_truth_fn(), n_prompts=10, seeds=(0,))
+    b = evaluate(lambda prompts, seed: [Image.new("RGB", (64, 64), "white")] * len(prompts), n_prompts=10, seeds=(0,))
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    args = _parser().parse_args(["eval", "paired", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "| **all** | **10** | **10** | **0** |" in out and "z +3.2" in out
+    args = _parser().parse_args(["eval", "paired", str(tmp_path / "a.json"), str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="no such file .*missing.json"):
+        args.func(args)

@@ -42,6 +42,8 @@ __all__ = [
     "evaluate",
     "format_table",
     "format_failures",
+    "paired",
+    "format_paired",
 ]
 
 _PALETTE_NAMES = list(COLORS)
@@ -427,4 +429,93 @@ def format_failures(result: dict) -> str:
         counts = [sum(1 for r in rows if r.get("failure") == m) for m in modes]
         right = sum(1 for r in rows if r["ok"])
         lines.append(f"| {kind} | {len(rows)} | {right} | " + " | ".join(str(c) for c in counts) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Paired comparison
+# --------------------------------------------------------------------------------------
+
+
+def _records_by_image(result: dict, name: str) -> dict:
+    records = result.get("records") if isinstance(result, dict) else None
+    if not isinstance(records, list):
+        raise ValueError(f"{name} has no 'records' list: pass evaluate()'s result (or eval shapes' JSON)")
+    # A prompt set may hold a caption more than once (prompt_set draws with replacement within
+    # a kind); each copy is its own image, so the key is (caption, seed, n-th copy), in order.
+    by_image, seen = {}, {}
+    for r in records:
+        base = (r["caption"], r["seed"])
+        seen[base] = seen.get(base, -1) + 1
+        by_image[base + (seen[base],)] = r
+    return by_image
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Compare two :func:`evaluate` results image by image (same caption, same seed; a
+    caption that the prompt set holds twice is matched copy by copy, in order).
+
+    Two evaluations of the same prompts and seeds differ in which images each gets right; the
+    overall scores hide that most images are right (or wrong) in both. This counts the
+    discordant images, as McNemar's test does: ``only_a`` right in ``a`` and wrong in ``b``,
+    ``only_b`` the reverse, and ``z = (only_a - only_b) / sqrt(only_a + only_b)`` (the sign
+    test's normal approximation; |z| >= 2 is about p < 0.05 two-sided). The embedded default's
+    ship rule reads it: a candidate ships when it is not behind (``only_a >= only_b``).
+
+    Only images scored in both count; ``only_in_a`` / ``only_in_b`` say how many were not.
+
+    Returns:
+        ``{"n_images", "only_a", "only_b", "both", "neither", "z", "only_in_a", "only_in_b",
+        "per_category": {kind: {"n_images", "only_a", "only_b"}}}``.
+    """
+    ra, rb = _records_by_image(a, "a"), _records_by_image(b, "b")
+    common = [k for k in ra if k in rb]
+    if not common:
+        raise ValueError(
+            f"a and b share no image (a has {len(ra)}, b has {len(rb)}): a paired count needs "
+            "the same prompt set and seeds (--n-prompts, --prompt-seed, --seeds, --seed-start)"
+        )
+    counts = {"only_a": 0, "only_b": 0, "both": 0, "neither": 0}
+    per_category: dict[str, dict] = {}
+    for k in common:
+        ok_a, ok_b = bool(ra[k]["ok"]), bool(rb[k]["ok"])
+        which = "both" if ok_a and ok_b else "only_a" if ok_a else "only_b" if ok_b else "neither"
+        counts[which] += 1
+        cat = per_category.setdefault(ra[k]["kind"], {"n_images": 0, "only_a": 0, "only_b": 0})
+        cat["n_images"] += 1
+        if which in ("only_a", "only_b"):
+            cat[which] += 1
+    discordant = counts["only_a"] + counts["only_b"]
+    z = (counts["only_a"] - counts["only_b"]) / discordant**0.5 if discordant else 0.0
+    ordered = {kind: per_category[kind] for kind in KINDS if kind in per_category}
+    return {
+        "n_images": len(common),
+        **counts,
+        "z": z,
+        "only_in_a": len(ra) - len(common),
+        "only_in_b": len(rb) - len(common),
+        "per_category": ordered,
+    }
+
+
+def format_paired(result: dict, name_a: str = "a", name_b: str = "b") -> str:
+    """Markdown table of :func:`paired`'s counts, per category and overall."""
+    lines = [
+        f"| category | images | right only in {name_a} | right only in {name_b} |",
+        "|---|---:|---:|---:|",
+    ]
+    for kind, c in result["per_category"].items():
+        lines.append(f"| {kind} | {c['n_images']} | {c['only_a']} | {c['only_b']} |")
+    lines.append(
+        f"| **all** | **{result['n_images']}** | **{result['only_a']}** | **{result['only_b']}** |"
+    )
+    lines.append(
+        f"\nright in both {result['both']}, in neither {result['neither']}; z {result['z']:+.1f}"
+        " (sign test on the discordant images)"
+    )
+    skipped = result["only_in_a"] + result["only_in_b"]
+    if skipped:
+        lines.append(
+            f"not compared: {result['only_in_a']} images only in {name_a}, {result['only_in_b']} only in {name_b}"
+        )
     return "\n".join(lines)
