@@ -346,15 +346,16 @@ def generate(
         pipe = _load_placed(pipeline, model, d, t, offload or off, scheduler, lora)
         preset = pipe.imagen_lite_preset
         num_stages = pipe.num_stages_for_size(size)
-        for name, value in (("num_inference_steps", num_inference_steps), ("guidance_scale", guidance_scale)):
-            # a preset's defaults may be longer than the stages a call runs; a caller's tuple may
-            # not be longer than the model's stages (a 3-stage tuple for a 2-stage cascade is a mistake)
-            if isinstance(value, (list, tuple)) and len(value) > len(pipe.stage_names):
-                raise ValueError(f"{name}={tuple(value)!r} gives {len(value)} values but this {pipeline!r} model has "
-                                 f"{len(pipe.stage_names)} stages {tuple(pipe.stage_names)}; pass one value or one per stage")  # fmt: skip
-        steps = preset.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = preset.guidance_scale if guidance_scale is None else guidance_scale
-        call = {**family_call_defaults(pipeline, preset), **kwargs}
+        # A preset's defaults may be longer than the model (IF-XL's (100, 50) for an IF stage I
+        # alone): cut them to its stages. A caller's tuple is not cut: the pipeline rejects one
+        # longer than the model's stages (a 3-stage tuple for a 2-stage cascade is a mistake).
+        n = len(pipe.stage_names)
+        steps = _fit(preset.num_inference_steps, n) if num_inference_steps is None else num_inference_steps
+        guidance = _fit(preset.guidance_scale, n) if guidance_scale is None else guidance_scale
+        defaults = family_call_defaults(pipeline, preset)
+        if not is_one_interval(defaults["guidance_interval"]):
+            defaults["guidance_interval"] = _fit(defaults["guidance_interval"], n)
+        call = {**defaults, **kwargs}
         gen_device = "cpu" if d.type == "mps" else d
         generator = torch.Generator(gen_device).manual_seed(seed) if seed is not None else None
         out = pipe(
@@ -364,6 +365,11 @@ def generate(
         return out.images
 
     return runtime.run_with_fallback(run, dev, dt, auto=auto and not offload)
+
+
+def _fit(values, n: int):
+    """A preset's per-stage default cut to a model's ``n`` stages (a single value as is)."""
+    return tuple(values)[:n] if isinstance(values, (list, tuple)) else values
 
 
 def clear_cache() -> None:

@@ -309,6 +309,21 @@ def test_if_layout_dirs_load_through_generate(tiny_if_dirs):
     assert low[0].size == (16, 16) and both[0].size == (32, 32)
 
 
+def test_direct_call_rejects_per_stage_tuples_longer_than_the_model(tiny_dir):
+    """A tuple may be longer than the stages a call runs (num_stages=1), never than the model has:
+    the pipeline says so instead of silently dropping the extra values."""
+    pipe = _quiet(ImagenPipeline.from_pretrained(tiny_dir))
+    kw = dict(output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert pipe("a red circle", num_inference_steps=(2, 2), guidance_scale=(1.0, 1.0), num_stages=1, **kw).images.shape[-1] == 16
+    for bad, match in (
+        (dict(num_inference_steps=(2, 2, 2)), r"num_inference_steps=\(2, 2, 2\) gives 3 values but this model has 2 stage\(s\) \('base', 'sr_32'\)"),
+        (dict(num_inference_steps=2, guidance_scale=(1.0, 1.0, 1.0), num_stages=1), r"guidance_scale=\(1.0, 1.0, 1.0\) gives 3 values"),
+        (dict(num_inference_steps=2, guidance_interval=[(0, 1)] * 3), r"guidance_interval=.* gives 3 pairs but this model has 2 stage"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            pipe("a red circle", **bad, **kw)
+
+
 def test_save_load_round_trip(tmp_path):
     pipe = _quiet(build_tiny_imagen(seed=5))
     pipe.save_pretrained(tmp_path / "p", safe_serialization=True)
@@ -402,8 +417,8 @@ def test_half_precision_nan_reruns_stage_in_float32():
         (dict(num_inference_steps=(2, -1)), ValueError, "is -1; it must be a positive integer"),
         (dict(guidance_scale=-1.0), ValueError, "guidance_scale.*is -1.0; it must be a number >= 0"),
         (dict(num_inference_steps=(2,), size=32), ValueError, "gives 1 value.*runs 2 stage"),
-        (dict(num_inference_steps=(2, 2, 2)), ValueError, r"num_inference_steps=\(2, 2, 2\) gives 3 values but this 'imagen' model has 2 stages \('base', 'sr_32'\)"),
-        (dict(guidance_scale=[1, 1, 1], size=16), ValueError, "guidance_scale=.*gives 3 values.*2 stages"),
+        (dict(num_inference_steps=(2, 2, 2)), ValueError, r"num_inference_steps=\(2, 2, 2\) gives 3 values but this model has 2 stage\(s\) \('base', 'sr_32'\)"),
+        (dict(guidance_scale=[1, 1, 1], size=16), ValueError, r"guidance_scale=.*gives 3 values.*2 stage\(s\)"),
         (dict(seed="1"), ValueError, "seed='1' must be an integer"),
         (dict(seed=2**64), ValueError, r"seed=18446744073709551616 is out of range.*\[-9223372036854775808, 18446744073709551615\]"),
         (dict(seed=-(2**63) - 1), ValueError, "seed=-9223372036854775809 is out of range"),

@@ -274,6 +274,8 @@ def test_negative_prompt_and_prompt_embeds(lite):
         (dict(num_stages=1), r"num_stages=1 is not valid"),
         (dict(guidance_interval=(0.4, 0.1)), r"guidance_interval is \(0.4, 0.1\); it must be a pair \(start, stop\)"),
         (dict(guidance_interval=[(0, 1), (0, 2), (0, 1)]), r"guidance_interval for stage 'decoder' is \(0, 2\)"),
+        (dict(num_inference_steps=(2, 2, 2, 2)), r"num_inference_steps=\(2, 2, 2, 2\) gives 4 values but this model has 3 stage\(s\)"),
+        (dict(guidance_interval=[(0, 1)] * 4), r"guidance_interval=.* gives 4 pairs but this model has 3 stage"),
         (dict(output_type="jpg"), r"output_type='jpg' is not valid"),
         (dict(num_images_per_prompt=0), r"num_images_per_prompt=0"),
         (dict(prior_candidates=0), r"prior_candidates=0 must be a positive integer"),

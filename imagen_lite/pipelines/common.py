@@ -34,12 +34,22 @@ def check_prompt(prompt, name: str = "prompt") -> list[str]:
     return list(prompts)
 
 
-def per_stage(value, stages: Sequence[str], name: str, *, kind: str) -> tuple:
+def _check_not_longer(value, n: int, model_stages, name: str, what: str) -> None:
+    """A per-stage tuple may be longer than the stages a call runs, never than the model has."""
+    if model_stages is not None and n > len(model_stages):
+        raise ValueError(
+            f"{name}={value!r} gives {n} {what} but this model has {len(model_stages)} stage(s) "
+            f"{tuple(model_stages)}; pass one or one per stage"
+        )
+
+
+def per_stage(value, stages: Sequence[str], name: str, *, kind: str, model_stages: Sequence[str] | None = None) -> tuple:
     """Expand one value or a tuple (one per stage) into a tuple of ``len(stages)`` checked values.
 
     ``kind="steps"``: positive ints. ``kind="guidance"``: floats >= 0. A tuple shorter than
-    ``stages`` is an error (it would leave a stage undefined); a longer one is allowed, so
-    a preset's 3-stage defaults serve a call that runs only the base.
+    ``stages`` is an error (it would leave a stage undefined); a longer one is allowed up to
+    ``model_stages`` (all the model's stages, when given), so a 2-stage tuple serves a call that
+    runs only the base, while a 3-stage tuple for a 2-stage cascade is an error, not cut.
     """
     values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * len(stages)
     if len(values) < len(stages):
@@ -47,6 +57,7 @@ def per_stage(value, stages: Sequence[str], name: str, *, kind: str) -> tuple:
             f"{name}={value!r} gives {len(values)} value(s) but this call runs {len(stages)} stage(s) "
             f"{tuple(stages)}; pass one value or one per stage"
         )
+    _check_not_longer(value, len(values), model_stages, name, "values")
     out = []
     for stage, v in zip(stages, values):
         if kind == "steps":
@@ -66,9 +77,11 @@ def is_one_interval(value) -> bool:
     return not (isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple)))
 
 
-def per_stage_intervals(value, stages: Sequence[str], name: str = "guidance_interval") -> tuple:
+def per_stage_intervals(
+    value, stages: Sequence[str], name: str = "guidance_interval", model_stages: Sequence[str] | None = None
+) -> tuple:
     """``guidance_interval`` per stage: one ``(start, stop)`` pair for every stage, or a tuple of
-    pairs, one per stage (longer allowed, as :func:`per_stage`). Each pair is checked by
+    pairs, one per stage (longer allowed up to ``model_stages``, as :func:`per_stage`). Each pair is checked by
     :func:`imagen_lite.sampling.check_guidance_interval`."""
     from ..sampling import check_guidance_interval
 
@@ -80,6 +93,7 @@ def per_stage_intervals(value, stages: Sequence[str], name: str = "guidance_inte
     if len(values) < len(stages):
         raise ValueError(f"{name}={value!r} gives {len(values)} pair(s) but this call runs {len(stages)} stage(s) "
                          f"{tuple(stages)}; pass one pair or one per stage")  # fmt: skip
+    _check_not_longer(value, len(values), model_stages, name, "pairs")
     return tuple(check_guidance_interval(v, f"{name} for stage {stage!r}") for stage, v in zip(stages, values))
 
 

@@ -148,8 +148,8 @@ class ImagenPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps=(100, 50, 50),
-        guidance_scale=(7.0, 4.0, 4.0),
+        num_inference_steps=None,
+        guidance_scale=None,
         guidance_interval=(0.0, 1.0),
         noise_level: int = 250,
         sr_strength: float = 1.0,
@@ -169,7 +169,9 @@ class ImagenPipeline(DiffusionPipeline):
             prompt / negative_prompt: str or list[str]; or pass ``prompt_embeds`` (B, L, D) and
                 ``negative_prompt_embeds`` computed with :meth:`encode_prompt`.
             num_inference_steps / guidance_scale: one value or one per stage, in stage order
-                (base, sr_256, sr_1024). Guidance > 1 turns on classifier-free guidance.
+                (base, sr_256, sr_1024); a tuple may be longer than the stages this call runs
+                (``num_stages``), not than the model has. Guidance > 1 turns on classifier-free
+                guidance. Default (None): IF's, 100 / 7 for the base and 50 / 4 for each SR.
             guidance_interval: ``(start, stop)``, or one pair per stage: the fraction of a
                 guided stage's steps that use guidance (0 = the noisiest step), as ``start`` /
                 ``stop`` of diffusers' ``ClassifierFreeGuidance`` guider; the other steps run
@@ -192,9 +194,13 @@ class ImagenPipeline(DiffusionPipeline):
         if isinstance(n_stages, bool) or not isinstance(n_stages, int) or not 1 <= n_stages <= len(all_stages):
             raise ValueError(f"num_stages={num_stages!r} is not valid; this cascade has stages {all_stages}")
         stages = all_stages[:n_stages]
-        steps = per_stage(num_inference_steps, stages, "num_inference_steps", kind="steps")
-        guidance = per_stage(guidance_scale, stages, "guidance_scale", kind="guidance")
-        intervals = per_stage_intervals(guidance_interval, stages)
+        if num_inference_steps is None:
+            num_inference_steps = (100,) + (50,) * (len(all_stages) - 1)
+        if guidance_scale is None:
+            guidance_scale = (7.0,) + (4.0,) * (len(all_stages) - 1)
+        steps = per_stage(num_inference_steps, stages, "num_inference_steps", kind="steps", model_stages=all_stages)
+        guidance = per_stage(guidance_scale, stages, "guidance_scale", kind="guidance", model_stages=all_stages)
+        intervals = per_stage_intervals(guidance_interval, stages, model_stages=all_stages)
         if prompt_embeds is None:
             prompts = check_prompt(prompt)
             if self.text_encoder is None:

@@ -170,8 +170,8 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps=(25, 25, 7),
-        guidance_scale=(4.0, 8.0, 1.0),
+        num_inference_steps=None,
+        guidance_scale=None,
         guidance_interval=(0.0, 1.0),
         num_stages: int | None = None,
         num_images_per_prompt: int = 1,
@@ -194,7 +194,9 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             num_inference_steps / guidance_scale: one value or one per stage, in stage order
                 (prior, decoder, sr). Guidance > 1 turns on classifier-free guidance; the SR
                 stage takes none, so a single value applies to the prior and decoder, and a
-                tuple must give the SR stage 1.
+                tuple must give the SR stage 1. A tuple may be longer than the stages this call
+                runs (``num_stages``), not than the model has. Default (None): Karlo's, 25 / 4
+                for the prior, 25 / 8 for the decoder, 7 / 1 for each SR.
             guidance_interval: ``(start, stop)``, or one pair per stage: the fraction of the
                 prior's and decoder's steps that use guidance (0 = the noisiest step), as
                 ``start`` / ``stop`` of diffusers' ``ClassifierFreeGuidance`` guider; the other
@@ -220,17 +222,21 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 "at least the first 2 (the prior makes an embedding)"
             )
         stages = all_stages[:n_stages]
-        steps = per_stage(num_inference_steps, stages, "num_inference_steps", kind="steps")
+        if num_inference_steps is None:
+            num_inference_steps = (25, 25) + (7,) * (len(all_stages) - 2)
+        if guidance_scale is None:
+            guidance_scale = (4.0, 8.0) + (1.0,) * (len(all_stages) - 2)
+        steps = per_stage(num_inference_steps, stages, "num_inference_steps", kind="steps", model_stages=all_stages)
         if isinstance(guidance_scale, (list, tuple)):
-            guidance = per_stage(guidance_scale, stages, "guidance_scale", kind="guidance")
+            guidance = per_stage(guidance_scale, stages, "guidance_scale", kind="guidance", model_stages=all_stages)
         else:
-            guidance = per_stage(guidance_scale, stages[:2], "guidance_scale", kind="guidance") + (1.0,) * (n_stages - 2)
+            guidance = per_stage(guidance_scale, stages[:2], "guidance_scale", kind="guidance", model_stages=all_stages) + (1.0,) * (n_stages - 2)
         if n_stages > 2 and guidance[2] != 1.0:
             raise ValueError(
                 f"guidance_scale for stage {stages[2]!r} is {guidance[2]!r}; the unCLIP super-resolution UNets take "
                 "no text, so it must be 1"
             )
-        intervals = per_stage_intervals(guidance_interval, stages)
+        intervals = per_stage_intervals(guidance_interval, stages, model_stages=all_stages)
         if prompt_embeds is None:
             prompts = check_prompt(prompt)
         elif prompt is not None:
