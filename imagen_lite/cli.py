@@ -46,9 +46,9 @@ def _interval(text: str) -> tuple[float, float]:
 def add_call_arguments(parser) -> None:
     """``--guidance-interval`` and ``--sr-strength`` for the commands that call ``generate()``
     (generate, eval shapes)."""
-    parser.add_argument("--guidance-interval", type=_interval, default=None, metavar="START,STOP",
-                        help="the fraction of each guided stage's steps that use guidance, 0 = the noisiest "
-                             "(e.g. 0,0.4; default: the model's)")  # fmt: skip
+    parser.add_argument("--guidance-interval", type=_interval, nargs="+", default=None, metavar="START,STOP",
+                        help="the fraction of each guided stage's steps that use guidance, 0 = the noisiest: "
+                             "one pair for every stage (0,0.4) or one per stage (0,0.4 0,1); default: the model's")  # fmt: skip
     parser.add_argument("--sr-strength", type=float, default=None,
                         help="imagen: where the SR stages start, in (0, 1]; 1 = from pure noise (default: the model's)")
 
@@ -56,7 +56,10 @@ def add_call_arguments(parser) -> None:
 def call_kwargs(args) -> dict:
     """The pipeline-call keywords given on the command line (``guidance_interval``,
     ``sr_strength``); one not given is left to the model's default."""
-    given = {"guidance_interval": args.guidance_interval, "sr_strength": args.sr_strength}
+    interval = args.guidance_interval
+    if interval is not None:  # one pair: every stage; several: one per stage
+        interval = interval[0] if len(interval) == 1 else tuple(interval)
+    given = {"guidance_interval": interval, "sr_strength": args.sr_strength}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -147,7 +147,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
         "guidance_scale": args.guidance,
         "scheduler": args.scheduler,
         "sr_strength": args.sr_strength,
-        "guidance_interval": args.guidance_interval,
+        "guidance_interval": call_kwargs(args).get("guidance_interval"),
         "device": args.device,
         "dtype": args.dtype,
         "seeds": list(seeds),

@@ -483,6 +483,8 @@ def test_cli_passes_the_guidance_interval(tiny_dir, tmp_path, monkeypatch):
     seen.clear()
     assert main(["generate", "a red circle", "--model", tiny_dir, "--out", str(tmp_path / "b.png")]) == 0
     assert "guidance_interval" not in seen  # not given: the model's default
+    assert main(["generate", "a red circle", "--model", tiny_dir, "--guidance-interval", "0,0.4", "0.2,1", "--out", str(tmp_path / "c.png")]) == 0
+    assert seen["guidance_interval"] == ((0.0, 0.4), (0.2, 1.0))  # one pair per stage
 
 
 def test_cli_checks_out_before_generating(tiny_dir, tmp_path, capsys, monkeypatch):
