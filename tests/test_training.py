@@ -501,3 +501,32 @@ def test_shapes_batches_are_drawn_at_their_largest_side():
     high = torch.from_numpy(render(source.dataset.scene(indices_for(1, 0, 1, 2, None, 0)[0]), 256)).permute(2, 0, 1)
     assert torch.allclose(pair["pixel_values"][0], high.float() / 127.5 - 1, atol=1e-6)
     assert pair["low"].shape == (2, 3, 64, 64)
+
+
+def test_image_embed_dropout_makes_the_decoder_loss_read_only_the_caption(data_dir):
+    """image_embed_dropout=1: every sample gets the learned unconditional image embedding, so the
+    decoder loss cannot depend on the image the embedding came from, but still on the caption."""
+    pipe, image_encoder, processor = S.build_scratch("dalle2", "tiny", ["red", "blue", "circle", "square"], seed=0)
+    stage = S.get_stage("dalle2", "decoder")
+    side = pipe.decoder.config.sample_size * pipe.config.unshuffle_factor
+    image = torch.rand(2, 3, side, side) * 2 - 1
+    clip_side = S.clip_side(processor)
+
+    def loss(p, texts, clip_seed):
+        cfg = TrainConfig(data=str(data_dir), out="x", family="dalle2", stage="decoder", caption_dropout=0.0,
+                          image_embed_dropout=p, min_snr_gamma=None)  # fmt: skip
+        ctx = S.Context(pipe, cfg, S.noise_schedule(pipe, stage), torch.device("cpu"), image_encoder, processor)
+        parts = torch.nn.ModuleDict({"decoder": pipe.decoder, "text_proj": pipe.text_proj})
+        clip_images = torch.rand(2, 3, clip_side, clip_side, generator=torch.Generator().manual_seed(clip_seed)) * 2 - 1
+        with torch.no_grad():
+            batch = {"pixel_values": image, "clip_pixel_values": clip_images, "text": texts}
+            return stage.loss(parts, ctx, batch, torch.Generator().manual_seed(1)).item()
+
+    a, b = ["a red circle"] * 2, ["a blue square"] * 2
+    assert loss(1.0, a, 0) == loss(1.0, a, 1)  # the image embedding is never seen
+    assert loss(1.0, a, 0) != loss(1.0, b, 0)  # the caption still is
+    assert loss(0.0, a, 0) != loss(0.0, a, 1)  # off (the default): the embedding matters
+    with pytest.raises(ValueError, match=r"image_embed_dropout=1.5 must be in \[0, 1\]"):
+        TrainConfig(data=str(data_dir), out="x", family="dalle2", stage="decoder", image_embed_dropout=1.5).check()
+    with pytest.raises(ValueError, match="image_embed_dropout=0.2 is for the dalle2 decoder, not imagen base"):
+        TrainConfig(data=str(data_dir), out="x", image_embed_dropout=0.2).check()

@@ -76,6 +76,10 @@ class TrainConfig:
     resolution: int | None = None  # None: the stage's own size; otherwise it must fit the UNet
     sr_crop: tuple = (16, 32)  # SR stages: low-res crop side range in px (Imagen trains SR on crops)
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    # (image_embed_dropout: beyond the caption-dropped samples, this share gets the learned
+    # unconditional CLIP image embedding while its caption stays, so the decoder must read the text
+    # tokens too, where the embedding binds colours to shapes weakly; 0: as Karlo / DALL-E 2)
+    image_embed_dropout: float = 0.0  # dalle2 decoder: share of samples trained on their caption alone
     num_workers: int = 0  # image decoding threads (0: in the training process)
     # data "shapes": share of each caption kind, e.g. {"position": 0.5, "relation": 0.5}; None: the stream's default
     shapes_mixture: dict | None = None
@@ -157,6 +161,11 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} must be an integer >= 0")
         if not 0.0 <= float(self.caption_dropout) <= 1.0:
             raise ValueError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1]")
+        if not 0.0 <= float(self.image_embed_dropout) <= 1.0:
+            raise ValueError(f"image_embed_dropout={self.image_embed_dropout!r} must be in [0, 1]")
+        if self.image_embed_dropout and (self.family, self.stage) != ("dalle2", "decoder"):
+            raise ValueError(f"image_embed_dropout={self.image_embed_dropout!r} is for the dalle2 decoder, "
+                             f"not {self.family} {self.stage} (only the decoder reads a CLIP image embedding)")  # fmt: skip
         if self.ema_decay is not None and not 0.0 < float(self.ema_decay) < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay!r} must be in (0, 1), or None for no EMA")
         if self.min_snr_gamma is not None and float(self.min_snr_gamma) <= 0:

@@ -464,8 +464,12 @@ class DalleDecoder(Stage):
         with torch.no_grad():
             text_embeds, states, mask = encode_clip_text(pipe.tokenizer, pipe.text_encoder, texts, ctx.device)
             z_i = DallePrior._image_embeds(ctx, batch)
-        # the unconditional branch at inference: empty prompt + the learned unconditional z_i
+        # the unconditional branch at inference: empty prompt + the learned unconditional z_i;
+        # image_embed_dropout also gives some captioned samples the unconditional z_i (drawn only
+        # when set, so runs without it keep their random stream)
         uncond = proj.learned_classifier_free_guidance_embeddings.unsqueeze(0).expand_as(z_i)
+        if cfg.image_embed_dropout > 0:
+            drop = drop | (torch.rand(len(texts), generator=generator) < cfg.image_embed_dropout)
         z_i = torch.where(drop.to(ctx.device)[:, None], uncond, z_i.to(uncond.dtype))
         context, time_embeddings = proj(image_embeddings=z_i, prompt_embeds=text_embeds.to(z_i.dtype),
                                         text_encoder_hidden_states=states.to(z_i.dtype), do_classifier_free_guidance=False)  # fmt: skip
