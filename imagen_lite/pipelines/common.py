@@ -34,13 +34,15 @@ def check_prompt(prompt, name: str = "prompt") -> list[str]:
     return list(prompts)
 
 
-def _check_not_longer(value, n: int, model_stages, name: str, what: str) -> None:
-    """A per-stage tuple may be longer than the stages a call runs, never than the model has."""
+def _check_count(value, n: int, stages, model_stages, name: str, what: str) -> None:
+    """A per-stage tuple of ``n`` entries (``what``: "value" or "pair") covers the stages a call
+    runs and may be longer, up to the stages the model has (``model_stages``, when given)."""
+    if n < len(stages):
+        raise ValueError(f"{name}={value!r} gives {n} {what}(s) but this call runs {len(stages)} stage(s) "
+                         f"{tuple(stages)}; pass one {what} or one per stage")  # fmt: skip
     if model_stages is not None and n > len(model_stages):
-        raise ValueError(
-            f"{name}={value!r} gives {n} {what} but this model has {len(model_stages)} stage(s) "
-            f"{tuple(model_stages)}; pass one or one per stage"
-        )
+        raise ValueError(f"{name}={value!r} gives {n} {what}s but this model has {len(model_stages)} stage(s) "
+                         f"{tuple(model_stages)}; pass one {what} or one per stage")  # fmt: skip
 
 
 def per_stage(value, stages: Sequence[str], name: str, *, kind: str, model_stages: Sequence[str] | None = None) -> tuple:
@@ -52,12 +54,7 @@ def per_stage(value, stages: Sequence[str], name: str, *, kind: str, model_stage
     runs only the base, while a 3-stage tuple for a 2-stage cascade is an error, not cut.
     """
     values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * len(stages)
-    if len(values) < len(stages):
-        raise ValueError(
-            f"{name}={value!r} gives {len(values)} value(s) but this call runs {len(stages)} stage(s) "
-            f"{tuple(stages)}; pass one value or one per stage"
-        )
-    _check_not_longer(value, len(values), model_stages, name, "values")
+    _check_count(value, len(values), stages, model_stages, name, "value")
     out = []
     for stage, v in zip(stages, values):
         if kind == "steps":
@@ -90,10 +87,7 @@ def per_stage_intervals(
     if is_one_interval(value):
         return (check_guidance_interval(value, name),) * len(stages)
     values = tuple(value)
-    if len(values) < len(stages):
-        raise ValueError(f"{name}={value!r} gives {len(values)} pair(s) but this call runs {len(stages)} stage(s) "
-                         f"{tuple(stages)}; pass one pair or one per stage")  # fmt: skip
-    _check_not_longer(value, len(values), model_stages, name, "pairs")
+    _check_count(value, len(values), stages, model_stages, name, "pair")
     return tuple(check_guidance_interval(v, f"{name} for stage {stage!r}") for stage, v in zip(stages, values))
 
 
