@@ -166,12 +166,14 @@ def eval_shapes(args: argparse.Namespace) -> int:
 
 
 def _load_result(path: str) -> dict:
+    """One ``eval shapes --out`` JSON; a missing or malformed file is an error naming it (the main
+    CLI prints it as one line and exits 2)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SystemExit(f"eval paired: no such file {path!r} (pass two 'eval shapes --out' JSON files)")
+        raise FileNotFoundError(f"eval paired: no such file {path!r} (pass two 'eval shapes --out' JSON files)") from None
     except json.JSONDecodeError as err:
-        raise SystemExit(f"eval paired: {path!r} is not JSON ({err})")
+        raise ValueError(f"eval paired: {path!r} is not JSON ({err})") from None
 
 
 def eval_paired(args: argparse.Namespace) -> int:
@@ -179,10 +181,7 @@ def eval_paired(args: argparse.Namespace) -> int:
     from .evaluation.shapes import format_paired, paired
 
     a, b = _load_result(args.a), _load_result(args.b)
-    try:
-        result = paired(a, b)
-    except ValueError as err:
-        raise SystemExit(f"eval paired: {err}")
+    result = paired(a, b)  # ValueError (no shared image, no records) names what is wrong
     for path, r in ((args.a, a), (args.b, b)):
         cats = ", ".join(f"{k} {100 * v:.1f}" for k, v in r.get("per_category", {}).items())
         print(f"{path}: {100 * r.get('overall', 0.0):.1f}% ({cats})")

@@ -689,6 +689,11 @@ def test_cli_eval_paired(tmp_path, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "| **all** | **10** | **10** | **0** |" in out and "z +3.2" in out
-    args = _parser().parse_args(["eval", "paired", str(tmp_path / "a.json"), str(tmp_path / "missing.json")])
-    with pytest.raises(SystemExit, match="no such file .*missing.json"):
-        args.func(args)
+    from imagen_lite.cli import main  # user errors: one line on stderr, exit status 2
+
+    assert main(["eval", "paired", str(tmp_path / "a.json"), str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and "missing.json" in err and "Traceback" not in err
+    (tmp_path / "c.json").write_text(json.dumps({"records": []}))
+    assert main(["eval", "paired", str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 2
+    assert "share no image" in capsys.readouterr().err
