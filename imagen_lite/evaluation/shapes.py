@@ -460,7 +460,8 @@ def paired(a: dict, b: dict) -> dict:
     discordant images, as McNemar's test does: ``only_a`` right in ``a`` and wrong in ``b``,
     ``only_b`` the reverse, and ``z = (only_a - only_b) / sqrt(only_a + only_b)`` (the sign
     test's normal approximation; |z| >= 2 is about p < 0.05 two-sided). The embedded default's
-    ship rule reads it: a candidate ships when it is not behind (``only_a >= only_b``).
+    ship rules read it (docs/model_card.md: a new lineage ships when not behind, ``only_a >=
+    only_b``; more steps of the shipped lineage only when clearly ahead, ``z >= 2``).
 
     Only images scored in both count; ``only_in_a`` / ``only_in_b`` say how many were not.
 
