@@ -571,6 +571,27 @@ def test_the_dalle2_v2_plan_is_well_formed():
     assert all(18800 < at < decoder["max_steps"] for at in phase_starts(decoder))  # after the v1 decoder's last step
 
 
+def test_the_dalle2_v2e_plan_is_v2_with_image_embed_dropout_after_the_shipped_decoder(tmp_path):
+    """v2e = v2's CLIP and prior, and its decoder continued past the shipped 26,000 with
+    image_embed_dropout; a plan phase may switch the dropout on mid-stage (a resumable change)."""
+    from imagen_lite.training.default import DALLE2_V2_PLAN, DALLE2_V2E_PLAN, dalle2_stage_config, settings_at, train_dalle2
+
+    assert DALLE2_V2E_PLAN[:2] == DALLE2_V2_PLAN[:2]
+    decoder, v2 = DALLE2_V2E_PLAN[2], DALLE2_V2_PLAN[2]
+    assert decoder["max_steps"] > v2["max_steps"]
+    assert settings_at(decoder, v2["max_steps"] - 1) == settings_at(v2, v2["max_steps"] - 1)  # v2 up to what shipped
+    after = settings_at(decoder, v2["max_steps"])
+    assert after["image_embed_dropout"] == 0.3 and after["lr"] == 1e-4
+    dalle2_stage_config(decoder, Path("/tmp/unused"), "small").replace(**after).check()
+
+    item = dict(stage="decoder", max_steps=2, batch_size=2, warmup_steps=0, log_every=1, keep_checkpoints=5,
+                phases={1: dict(image_embed_dropout=0.5)})  # fmt: skip
+    assert train_dalle2(tmp_path, minutes=30, chunk=5, plan=(item,), start="tiny") == {"decoder": 2}
+    ckpts = tmp_path / "decoder" / "checkpoints"
+    first, second = (json.loads((ckpts / f"step_00000{s}" / "config.json").read_text()) for s in (1, 2))
+    assert first["image_embed_dropout"] == 0.0 and second["image_embed_dropout"] == 0.5
+
+
 def test_a_v2_base_ships_carrying_the_shipped_sr(tmp_path, monkeypatch):
     """ship_default --recipe v2 --out: the v2 base's EMA under the shipped cascade's SR UNet, whose
     training record comes along; the result loads and draws at 256 px."""

@@ -54,7 +54,7 @@ FINETUNE = ("full", "lora")
 # phase of a long run (decision, fourth session: the DALL-E 2 decoder needed it).
 RESUMABLE_CHANGES = frozenset(
     {"lr", "snr_floor", "timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_portion",
-     "timestep_bias_begin", "timestep_bias_end", "shapes_mixture", "shapes_contrast_group", "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
+     "timestep_bias_begin", "timestep_bias_end", "shapes_mixture", "shapes_contrast_group", "image_embed_dropout", "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
      "validation_steps", "validation_guidance", "resume", "out", "log_every", "save_pipeline", "num_workers", "stop_at"}
 )  # fmt: skip
 

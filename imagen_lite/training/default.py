@@ -992,7 +992,20 @@ DALLE2_V2_PLAN: tuple[dict, ...] = (
          graft=dict(source="shipped", recipe="v1", components=GRAFT_COMPONENTS, stages=("decoder", "sr")),
          phases={19400: RANGE_PHASE, 20800: {**CONSOLIDATION_PHASE, "lr": 1e-4}, 21800: V2_DECODER_CONSOLIDATION}),
 )
-DALLE2_PLANS = {"v1": DALLE2_PLAN, "v2": DALLE2_V2_PLAN}
+# v2e (eighteenth session): v2 with its decoder fine-tuned on from the shipped 26,000 in the same
+# consolidation phase, but with ``image_embed_dropout`` 0.3: beyond the caption-dropped tenth, 30% of
+# the samples get the learned unconditional CLIP image embedding while their caption stays, so the
+# decoder must draw from the CLIP text tokens alone. Why: DALL-E 2 v2 swaps colours between shapes as
+# often with a true image embedding as with the prior's (the CLIP image tower binds 60%, chance 43%),
+# while its text tower binds (probe 1.00) and the decoder ignored it (model card, "Sixteenth session").
+# Not a new lineage of weights: CLIP, prior and SR are v2's; the decoder continues v2's steps and hours.
+# Run with ``--recipe v2e --warm-start imagen_lite/weights/dalle2`` (the v2 weights in the package).
+V2E_DECODER = {**V2_DECODER_CONSOLIDATION, "image_embed_dropout": 0.3}
+DALLE2_V2E_PLAN: tuple[dict, ...] = (
+    *DALLE2_V2_PLAN[:2],
+    {**DALLE2_V2_PLAN[2], "max_steps": 32000, "phases": {**DALLE2_V2_PLAN[2]["phases"], 26000: V2E_DECODER}},
+)
+DALLE2_PLANS = {"v1": DALLE2_PLAN, "v2": DALLE2_V2_PLAN, "v2e": DALLE2_V2E_PLAN}
 PLAN_ONLY_KEYS = ("lr_drops", "phases", "graft")  # plan entries that are not TrainConfig fields
 
 
