@@ -213,6 +213,24 @@ def test_image_embeds_path(lite):
         lite(["a red circle", "a blue square"], image_embeds=z, prior_candidates=2, **kw)
 
 
+def test_text_guidance_scale_is_three_branch_guidance_that_reduces_to_the_usual_one(lite):
+    """text_guidance_scale s_t: u + s_t (t - u) + s (c - t). At s_t == s it is the two-branch
+    guidance u + s (c - u); at s_t = s = 1 the conditional branch alone; the caption-alone branch
+    t (learned unconditional z_i) changes the image otherwise."""
+    prompts = ["a red circle and a blue square", "a green triangle"]
+
+    def run(s, st=None):
+        return lite(prompts, num_inference_steps=(2, 3), guidance_scale=(2.0, s), text_guidance_scale=st, num_stages=2,
+                    generator=_gen(1), output_type="pt").images  # fmt: skip
+
+    assert torch.allclose(run(3.0, 3.0), run(3.0), atol=1e-4)
+    assert torch.allclose(run(1.0, 1.0), run(1.0), atol=1e-4)
+    assert not torch.allclose(run(2.0, 6.0), run(2.0), atol=1e-3)
+    for bad in (-1.0, "2", True, float("nan")):
+        with pytest.raises(ValueError, match="text_guidance_scale=.* must be None or a number >= 0"):
+            run(2.0, bad)
+
+
 def test_prior_candidates_pick_the_embedding_closest_to_the_text(lite):
     """prior_candidates=k draws k prior samples per image from the same noise as k images per
     prompt would, and hands the decoder the one with the highest cosine similarity to z_t."""

@@ -178,6 +178,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         prior_candidates: int = 1,
         image_embeds: torch.Tensor | None = None,
+        text_guidance_scale: float | None = None,
         prompt_embeds: CLIPTextEmbeds | tuple | None = None,
         negative_prompt_embeds: CLIPTextEmbeds | tuple | None = None,
         output_type: str = "pil",
@@ -210,9 +211,22 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 the prior is the cheap stage. Must be 1 when ``image_embeds`` are given.
             image_embeds: (B, D) CLIP image embeddings (e.g. from :func:`encode_images`), one per
                 prompt; given, the prior is skipped and the decoder is conditioned on them.
+            text_guidance_scale: None (the default): the decoder's guidance is the usual two-branch
+                one, (caption, z_i) against ("", learned unconditional z_i). A number ``s_t``: three
+                branches, as InstructPix2Pix guides by text and image separately -- ``u`` ("", learned
+                z_i), ``t`` (caption, learned z_i: the caption alone) and ``c`` (caption, z_i) --
+                combined as ``u + s_t (t - u) + s (c - t)``, ``s`` the decoder's ``guidance_scale``;
+                1.5x the decoder's work. Meant for a decoder trained with ``image_embed_dropout``
+                (``TrainConfig``), which has learned the caption-alone branch; the decoder's
+                ``guidance_interval`` does not apply (every step is guided).
             output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
         """
         # 1. Check inputs
+        if text_guidance_scale is not None and (
+            isinstance(text_guidance_scale, bool) or not isinstance(text_guidance_scale, (int, float))
+            or not 0.0 <= float(text_guidance_scale) < float("inf")
+        ):
+            raise ValueError(f"text_guidance_scale={text_guidance_scale!r} must be None or a number >= 0")
         check_output_type(output_type)
         all_stages = self.stage_names
         n_stages = len(all_stages) if num_stages is None else num_stages
@@ -263,7 +277,8 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             if k < 2 and type(scheduler).__name__ == "UnCLIPScheduler":  # its set_timesteps divides by k - 1
                 raise ValueError(f"num_inference_steps for stage {stage!r} is {k}; UnCLIPScheduler needs at least 2")
         device = self._execution_device
-        cfg_prior, cfg_decoder = run_prior and guidance[0] > 1.0, guidance[1] > 1.0
+        dual = text_guidance_scale is not None  # three-branch decoder guidance (docstring)
+        cfg_prior, cfg_decoder = run_prior and guidance[0] > 1.0, guidance[1] > 1.0 or dual
         seconds: dict[str, float] = {}
         stage_outputs: dict[str, torch.Tensor] = {}
 
@@ -341,10 +356,20 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         def run_decoder() -> torch.Tensor:
             decoder, scheduler, proj = self.decoder, self.decoder_scheduler, self.text_proj
             text = text_inputs(cfg_decoder, proj.dtype)
-            context, time_embeddings = proj(
-                image_embeddings=image_embeds.to(proj.dtype), prompt_embeds=text.text_embeds,
-                text_encoder_hidden_states=text.hidden_states, do_classifier_free_guidance=cfg_decoder,
-            )  # fmt: skip
+            if dual:  # rows [u, t, c]: ("", learned z_i), (caption, learned z_i), (caption, z_i)
+                learned = proj.learned_classifier_free_guidance_embeddings.unsqueeze(0).expand(n, -1)
+                u, c = (CLIPTextEmbeds(*(x[i * n:(i + 1) * n] for x in text)) for i in (0, 1))
+                text = CLIPTextEmbeds(*(torch.cat([a, b, b]) for a, b in zip(u, c)))
+                z = torch.cat([learned, learned, image_embeds.to(proj.dtype)])
+                context, time_embeddings = proj(
+                    image_embeddings=z, prompt_embeds=text.text_embeds, text_encoder_hidden_states=text.hidden_states,
+                    do_classifier_free_guidance=False,
+                )  # fmt: skip
+            else:
+                context, time_embeddings = proj(
+                    image_embeddings=image_embeds.to(proj.dtype), prompt_embeds=text.text_embeds,
+                    text_encoder_hidden_states=text.hidden_states, do_classifier_free_guidance=cfg_decoder,
+                )  # fmt: skip
             context, time_embeddings = context.to(decoder.dtype), time_embeddings.to(decoder.dtype)
             mask = F.pad(text.mask, (proj.config.clip_extra_context_tokens, 0), value=True)  # the image tokens
             scheduler.set_timesteps(steps[1], device=device)
@@ -356,6 +381,14 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             x = x * scheduler.init_noise_sigma
 
             def model_fn(model_input, t, i):
+                if dual:
+                    out_u, out_t, out_c = decoder(
+                        model_input.repeat(3, *([1] * (model_input.ndim - 1))), t, encoder_hidden_states=context,
+                        class_labels=time_embeddings, attention_mask=mask, return_dict=False,
+                    )[0].chunk(3)  # fmt: skip
+                    k = x.shape[1]  # guide the sample channels; a learned variance (Karlo) comes from c, as in CFG
+                    guided = out_u[:, :k] + text_guidance_scale * (out_t[:, :k] - out_u[:, :k]) + guidance[1] * (out_c[:, :k] - out_t[:, :k])
+                    return torch.cat([guided, out_c[:, k:]], dim=1)
                 rows = functools.partial(sampling.conditional_rows, model_input=model_input)
                 return decoder(
                     model_input, t, encoder_hidden_states=rows(context), class_labels=rows(time_embeddings),
@@ -365,7 +398,8 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             with self.progress_bar(total=steps[1]) as bar, reuse_constant_inputs(decoder):
                 x = sampling.denoise(
                     model_fn, scheduler, x, scheduler.timesteps,
-                    guidance_scale=guidance[1], do_classifier_free_guidance=cfg_decoder, guidance_interval=intervals[1],
+                    guidance_scale=guidance[1], do_classifier_free_guidance=cfg_decoder and not dual,
+                    guidance_interval=intervals[1],
                     cond_image=grid,
                     step_kwargs=_step_kwargs(scheduler, generator, scheduler.timesteps),
                     progress_bar=bar, callback=callback,
