@@ -155,7 +155,7 @@ def _dir_preset(path: Path, pipeline: str, fallback: presets.Preset) -> presets.
         int(d.get("noise_level", fallback.noise_level)),
         sr_strength=float(d.get("sr_strength", fallback.sr_strength)),
         guidance_interval=_pairs(d.get("guidance_interval", fallback.guidance_interval)),
-        extra={"scheduler": d.get("scheduler")},
+        extra={"scheduler": d.get("scheduler"), "text_guidance_scale": d.get("text_guidance_scale")},
     )  # fmt: skip
 
 
@@ -271,9 +271,11 @@ def check_call_kwargs(pipeline: str, kwargs: dict) -> None:
 
 def family_call_defaults(pipeline: str, preset: presets.Preset) -> dict:
     """The pipeline-call keywords a model's preset fills in when the caller gives none: its
-    ``guidance_interval``, and for the Imagen family its SR's :data:`IMAGEN_ONLY_KWARGS`."""
-    if pipeline != "imagen":
-        return {"guidance_interval": preset.guidance_interval}
+    ``guidance_interval``, for DALL-E 2 a saved ``text_guidance_scale``, and for the Imagen family
+    its SR's :data:`IMAGEN_ONLY_KWARGS`."""
+    if pipeline != "imagen":  # a saved text_guidance_scale (three-branch decoder guidance) is a dalle2 default too
+        text = preset.extra.get("text_guidance_scale")
+        return {"guidance_interval": preset.guidance_interval, **({} if text is None else {"text_guidance_scale": text})}
     return {"guidance_interval": preset.guidance_interval, "noise_level": preset.noise_level,
             "sr_strength": preset.sr_strength}  # fmt: skip
 

@@ -51,15 +51,19 @@ def add_call_arguments(parser) -> None:
                              "one pair for every stage (0,0.4) or one per stage (0,0.4 0,1); default: the model's")  # fmt: skip
     parser.add_argument("--sr-strength", type=float, default=None,
                         help="imagen: where the SR stages start, in (0, 1]; 1 = from pure noise (default: the model's)")
+    parser.add_argument("--text-guidance", type=float, default=None, dest="text_guidance_scale",
+                        help="dalle2: the decoder's caption-alone guidance s_t (three-branch guidance, "
+                             "UnCLIPLitePipeline's text_guidance_scale; default: the model's)")  # fmt: skip
 
 
 def call_kwargs(args) -> dict:
     """The pipeline-call keywords given on the command line (``guidance_interval``,
-    ``sr_strength``); one not given is left to the model's default."""
+    ``sr_strength``, ``text_guidance_scale``); one not given is left to the model's default."""
     interval = args.guidance_interval
     if interval is not None:  # one pair: every stage; several: one per stage
         interval = interval[0] if len(interval) == 1 else tuple(interval)
-    given = {"guidance_interval": interval, "sr_strength": args.sr_strength}
+    given = {"guidance_interval": interval, "sr_strength": args.sr_strength,
+             "text_guidance_scale": getattr(args, "text_guidance_scale", None)}
     return {k: v for k, v in given.items() if v is not None}
 
 

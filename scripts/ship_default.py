@@ -91,6 +91,8 @@ def main(argv=None):
     p.add_argument("--guidance", required=True, help="per stage, comma-separated")
     p.add_argument("--guidance-interval", default=None, metavar="START,STOP",
                    help="the fraction of each guided stage's steps that use guidance (default: all, 0,1)")
+    p.add_argument("--text-guidance", type=float, default=None,
+                   help="dalle2: the decoder's text_guidance_scale (three-branch guidance; default: none, two-branch)")
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--noise-level", type=int, default=100)
     p.add_argument("--sr-strength", type=float, default=None,
@@ -110,6 +112,10 @@ def main(argv=None):
             defaults["guidance_interval"] = list(check_guidance_interval(tuple(numbers(args.guidance_interval, float))))
         except ValueError as err:
             p.error(f"--guidance-interval {args.guidance_interval}: {err}")
+    if args.text_guidance is not None:
+        if args.family != "dalle2":
+            p.error(f"--text-guidance {args.text_guidance} applies to --family dalle2 only (its decoder's caption-alone branch)")
+        defaults["text_guidance_scale"] = args.text_guidance
     if args.family == "imagen":
         defaults["sr_strength"] = 1.0 if args.sr_strength is None else args.sr_strength
     elif args.sr_strength is not None:

@@ -290,7 +290,14 @@ def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weig
     assert exit_info.value.code == 2 and "applies to --family imagen only" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # v3 is a lineage of the Imagen base only
         ship["main"](["--family", "dalle2", "--recipe", "v3", "--steps", "25,25,3", "--guidance", "2,2,1"])
-    assert exit_info.value.code == 2 and "--recipe v3: --family dalle2 has the lineages ['v1', 'v2']" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--recipe v3: --family dalle2 has the lineages ['v1', 'v2', 'v2e']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the caption-alone branch is the DALL-E 2 decoder's
+        ship["main"](argv + ["--text-guidance", "4"])
+    assert exit_info.value.code == 2 and "--text-guidance 4.0 applies to --family dalle2 only" in capsys.readouterr().err
+    (tmp_path / "dalle2").mkdir()
+    (tmp_path / "dalle2" / presets.DEFAULTS_FILE).write_text("{}")
+    ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--text-guidance", "4", "--defaults-only"])
+    assert json.loads((tmp_path / "dalle2" / presets.DEFAULTS_FILE).read_text())["text_guidance_scale"] == 4.0
 
 
 def test_coordinate_channels_grow_from_weights_without_them(tmp_path):

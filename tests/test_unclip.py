@@ -418,3 +418,34 @@ def test_generate_dalle2_with_image_embeds(api, lite_dir, lite):
     a = api.generate("a red circle", image_embeds=z, **kw)
     b = api.generate("a red circle", image_embeds=-z, **kw)
     assert a[0].size == (16, 16) and not np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+def test_a_saved_text_guidance_scale_is_a_default_of_generate(api, lite, tmp_path):
+    """imagen_lite_defaults.json may hold text_guidance_scale (ship_default --text-guidance):
+    generate() then runs the three-branch decoder guidance unless the call says otherwise."""
+    import json
+
+    path = tmp_path / "unclip-tiny"
+    lite.save_pretrained(path, safe_serialization=True)
+    defaults = {"num_inference_steps": [2, 2, 2], "guidance_scale": [2.0, 2.0, 1.0], "text_guidance_scale": 5.0}
+    (path / "imagen_lite_defaults.json").write_text(json.dumps(defaults))
+    kw = dict(pipeline="dalle2", model=str(path), device="cpu", seed=0, size=16)
+    saved = np.asarray(api.generate("a red circle and a blue square", **kw)[0])
+    given = np.asarray(api.generate("a red circle and a blue square", text_guidance_scale=5.0, **kw)[0])
+    plain = np.asarray(api.generate("a red circle and a blue square", text_guidance_scale=None, **kw)[0])
+    assert np.array_equal(saved, given) and not np.array_equal(saved, plain)
+    with pytest.raises(ValueError, match="text_guidance_scale"):
+        api.generate("a red circle", pipeline="imagen", device="cpu", size=64, text_guidance_scale=2.0)
+
+
+def test_the_cli_passes_text_guidance_to_generate():
+    """--text-guidance on `generate` and `eval shapes` becomes text_guidance_scale; left out, the
+    model's own default stands."""
+    from imagen_lite.cli import build_parser, call_kwargs
+
+    parser = build_parser()
+    args = parser.parse_args(["eval", "shapes", "--pipeline", "dalle2", "--text-guidance", "4"])
+    assert call_kwargs(args) == {"text_guidance_scale": 4.0}
+    args = parser.parse_args(["generate", "a red circle", "--pipeline", "dalle2", "--text-guidance", "3.5"])
+    assert call_kwargs(args)["text_guidance_scale"] == 3.5
+    assert "text_guidance_scale" not in call_kwargs(parser.parse_args(["generate", "a red circle"]))
