@@ -115,6 +115,8 @@ def main(argv=None):
     if args.text_guidance is not None:
         if args.family != "dalle2":
             p.error(f"--text-guidance {args.text_guidance} applies to --family dalle2 only (its decoder's caption-alone branch)")
+        if not 0.0 <= args.text_guidance < float("inf"):
+            p.error(f"--text-guidance {args.text_guidance}: it must be a number >= 0")
         defaults["text_guidance_scale"] = args.text_guidance
     if args.family == "imagen":
         defaults["sr_strength"] = 1.0 if args.sr_strength is None else args.sr_strength
