@@ -229,6 +229,9 @@ def test_text_guidance_scale_is_three_branch_guidance_that_reduces_to_the_usual_
     for bad in (-1.0, "2", True, float("nan")):
         with pytest.raises(ValueError, match="text_guidance_scale=.* must be None or a number >= 0"):
             run(2.0, bad)
+    with pytest.raises(ValueError, match=r"the decoder's guidance_interval is \(0.0, 0.4\); use \(0, 1\)"):
+        lite(prompts, num_inference_steps=(2, 3), guidance_scale=(2.0, 2.0), text_guidance_scale=3.0, num_stages=2,
+             guidance_interval=(0.0, 0.4))  # fmt: skip
 
 
 def test_prior_candidates_pick_the_embedding_closest_to_the_text(lite):

@@ -217,8 +217,8 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 z_i), ``t`` (caption, learned z_i: the caption alone) and ``c`` (caption, z_i) --
                 combined as ``u + s_t (t - u) + s (c - t)``, ``s`` the decoder's ``guidance_scale``;
                 1.5x the decoder's work. Meant for a decoder trained with ``image_embed_dropout``
-                (``TrainConfig``), which has learned the caption-alone branch; the decoder's
-                ``guidance_interval`` does not apply (every step is guided).
+                (``TrainConfig``), which has learned the caption-alone branch; it guides every
+                decoder step, so the decoder's ``guidance_interval`` must be (0, 1).
             output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
         """
         # 1. Check inputs
@@ -251,6 +251,11 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 "no text, so it must be 1"
             )
         intervals = per_stage_intervals(guidance_interval, stages, model_stages=all_stages)
+        if text_guidance_scale is not None and tuple(intervals[1]) != (0.0, 1.0):
+            raise ValueError(
+                f"text_guidance_scale={text_guidance_scale!r} guides every decoder step, but the decoder's "
+                f"guidance_interval is {tuple(intervals[1])!r}; use (0, 1) for the decoder with it"
+            )
         if prompt_embeds is None:
             prompts = check_prompt(prompt)
         elif prompt is not None:
