@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from imagen_lite import presets
+from imagen_lite.pipelines.common import is_guidance_scale
 from imagen_lite.sampling import check_guidance_interval
 from imagen_lite.training.checkpoint import list_checkpoints
 from imagen_lite.training.default import (
@@ -115,7 +116,7 @@ def main(argv=None):
     if args.text_guidance is not None:
         if args.family != "dalle2":
             p.error(f"--text-guidance {args.text_guidance} applies to --family dalle2 only (its decoder's caption-alone branch)")
-        if not 0.0 <= args.text_guidance < float("inf"):
+        if not is_guidance_scale(args.text_guidance):
             p.error(f"--text-guidance {args.text_guidance}: it must be a number >= 0")
         defaults["text_guidance_scale"] = args.text_guidance
     if args.family == "imagen":

@@ -45,6 +45,11 @@ def _check_count(value, n: int, stages, model_stages, name: str, what: str) -> N
                          f"{tuple(model_stages)}; pass one {what} or one per stage")  # fmt: skip
 
 
+def is_guidance_scale(v) -> bool:
+    """Whether ``v`` is a valid guidance scale: a finite real number >= 0 (not a bool)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float, np.floating, np.integer)) and bool(np.isfinite(v)) and v >= 0
+
+
 def per_stage(value, stages: Sequence[str], name: str, *, kind: str, model_stages: Sequence[str] | None = None) -> tuple:
     """Expand one value or a tuple (one per stage) into a tuple of ``len(stages)`` checked values.
 
@@ -62,7 +67,7 @@ def per_stage(value, stages: Sequence[str], name: str, *, kind: str, model_stage
                 raise ValueError(f"{name} for stage {stage!r} is {v!r}; it must be a positive integer")
             out.append(int(v))
         else:
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v) or v < 0:
+            if not is_guidance_scale(v):
                 raise ValueError(f"{name} for stage {stage!r} is {v!r}; it must be a number >= 0")
             out.append(float(v))
     return tuple(out)

@@ -46,7 +46,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import runtime, sampling
 from ..models.text_proj import UnCLIPTextProjection
-from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, load_scheduler, per_stage, per_stage_intervals, run_finite, timed, tokenize
+from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, is_guidance_scale, load_scheduler, per_stage, per_stage_intervals, run_finite, timed, tokenize
 from .speed import reuse_constant_inputs
 
 
@@ -222,10 +222,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
         """
         # 1. Check inputs
-        if text_guidance_scale is not None and (
-            isinstance(text_guidance_scale, bool) or not isinstance(text_guidance_scale, (int, float))
-            or not 0.0 <= float(text_guidance_scale) < float("inf")
-        ):
+        if text_guidance_scale is not None and not is_guidance_scale(text_guidance_scale):
             raise ValueError(f"text_guidance_scale={text_guidance_scale!r} must be None or a number >= 0")
         check_output_type(output_type)
         all_stages = self.stage_names
