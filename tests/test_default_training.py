@@ -518,6 +518,41 @@ def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatc
     assert (seen["cfg"].binding_weight, seen["cfg"].layout_weight) == (0.5, 0.5)
 
 
+def test_a_base_branch_takes_its_recipe_over_the_weights_of_another_lineage(tmp_path, monkeypatch):
+    """--recipe v4d --warm-start <v4 weights>: the v4 weights and step, v4d's settings and phases
+    (its detail phase: uniform timesteps from 24,366), in its own cache; the same weights under
+    their own recipe keep the config they were trained with."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("train_default", pathlib.Path(imagen_lite.__file__).parents[1] / "scripts" / "train_default.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = {}
+
+    def fake_plan(cfg, cache, minutes, resume, export, max_steps, warm_start=None):
+        seen.update(cfg=cfg, cache=cache, warm_start=warm_start)
+        return {"step": 0}
+
+    monkeypatch.setattr(script, "train_base_plan", fake_plan)
+    monkeypatch.setattr(script, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(imagen_lite.presets, "WEIGHTS_DIR", tmp_path / "weights")
+    v4 = tmp_path / "weights" / "imagen"
+    v4.mkdir(parents=True)
+    trained = dict(D.BASE_RECIPES["v4"], timestep_bias_multiplier=10.0, timestep_bias_portion=0.2, lr=1e-4)
+    D.write_training_state(v4, {"imagen-base": D.stage_record(24366, 2.95, D.BaseRunConfig(**trained))})
+    D.record_recipe(v4, ["imagen-base"], "v4")
+    script.main(["--stage", "imagen-base", "--recipe", "v4d", "--warm-start", str(v4), "--minutes", "1"])
+    cfg = seen["cfg"]
+    assert seen["cache"] == tmp_path / "cache" / "imagen-base-v4d" and seen["warm_start"] == v4
+    assert cfg.phases == D.BASE_RECIPES["v4d"]["phases"] and (cfg.binding_weight, cfg.layout_weight) == (0.5, 0.5)
+    at = D.settings_at({"phases": cfg.phases}, 24366)  # what the plan runs from the warm start's step
+    assert (at["timestep_bias_strategy"], at["lr"]) == ("none", 1e-4)
+    assert D.settings_at({"phases": cfg.phases}, 24365)["timestep_bias_strategy"] == "later"  # v4's own phases before it
+    script.main(["--stage", "imagen-base", "--recipe", "v4", "--warm-start", str(v4), "--minutes", "1"])
+    assert seen["cfg"].phases == D.BASE_RECIPES["v4"]["phases"] and seen["cfg"].timestep_bias_multiplier == 10.0
+
+
 def test_a_grafted_decoder_starts_from_another_lineage_and_keeps_its_steps_and_hours(tmp_path):
     """DALLE2_V2_PLAN's graft: a new CLIP and prior, then the decoder stage starts from a trained
     donor's decoder, text_proj and SR weights at the donor's recorded step; the donor's decoder and

@@ -236,6 +236,15 @@ BASE_CONSOLIDATION_PHASE = dict(lr=2e-4, timestep_bias_strategy="later", timeste
 V2_SETTINGS = dict(bf16=True, snr_floor=1.0, mixture=V2_MIXTURE, timestep_bias_strategy="later",
                    timestep_bias_multiplier=2.0, eval_every=1000)  # fmt: skip
 V2_LAYOUT_PHASES = {"6200": BASE_RANGE_PHASE, "8600": BASE_CONSOLIDATION_PHASE, "10600": {"lr": 1e-4}}
+# The detail phase: uniform timesteps again. Nineteenth session: v4 trained from 8,600 to 24,366
+# with v1's consolidation bias ("later" 0.2 x 10: 71% of the draws at t >= 800, where a layout is
+# decided), so the low and middle noise levels, where edges are drawn, got about a third of their
+# uniform share. Its most common failure is "shape wrong" (60 of 116 wrong images at 64 px), and
+# those are squares with a ragged, half-transparent edge row: the row's pixels cross the
+# detector's foreground threshold here and there, the row widens the box, and the fill (0.85-0.93)
+# reads as a circle's. No sampler fixed it (DDPM 25 / 50, DDIM 25: 39 / 36 / 31 of ~145 square
+# objects under 0.93; model card, "Nineteenth session").
+BASE_DETAIL_PHASE = dict(timestep_bias_strategy="none", timestep_bias_multiplier=1.0)
 BASE_RECIPES = {
     "v1": {},
     # lr 5e-4 to 6,200, where the curve (40 prompts) had sat at 35-37% for 3,000 steps with
@@ -254,6 +263,10 @@ BASE_RECIPES = {
     # relations sit at chance and its T5 hardly knows which object goes on which side:
     # ``layout_weight``). From step 0 because a late binding loss did not reach v2's images.
     "v4": dict(V2_SETTINGS, binding_weight=0.5, layout_weight=0.5, phases=dict(V2_LAYOUT_PHASES)),
+    # v4d (nineteenth session): a branch of the shipped v4 at 24,366 (``--recipe v4d --warm-start
+    # imagen_lite/weights/imagen``) with the detail phase below. Not a lineage from scratch.
+    "v4d": dict(V2_SETTINGS, binding_weight=0.5, layout_weight=0.5,
+                phases={**V2_LAYOUT_PHASES, "24366": BASE_DETAIL_PHASE}),
 }  # fmt: skip
 
 
