@@ -155,7 +155,8 @@ def _dir_preset(path: Path, pipeline: str, fallback: presets.Preset) -> presets.
         int(d.get("noise_level", fallback.noise_level)),
         sr_strength=float(d.get("sr_strength", fallback.sr_strength)),
         guidance_interval=_pairs(d.get("guidance_interval", fallback.guidance_interval)),
-        extra={"scheduler": d.get("scheduler"), "text_guidance_scale": d.get("text_guidance_scale")},
+        extra={"scheduler": d.get("scheduler"), "text_guidance_scale": d.get("text_guidance_scale"),
+               "denoising_end": d.get("denoising_end")},
     )  # fmt: skip
 
 
@@ -233,8 +234,9 @@ def _load_placed(pipeline, model, device, dtype, offload, scheduler=None, lora=N
     return pipe
 
 
-IMAGEN_ONLY_KWARGS = ("noise_level", "sr_strength")
-"""Pipeline-call keywords of the Imagen family's SR stages; the unCLIP family has no such knobs."""
+IMAGEN_ONLY_KWARGS = ("noise_level", "sr_strength", "denoising_end")
+"""Pipeline-call keywords of the Imagen family's stages (its SR stages; the base's early stop);
+the unCLIP family has no such knobs."""
 
 
 def check_family_kwargs(pipeline: str, kwargs: dict) -> None:
@@ -276,8 +278,9 @@ def family_call_defaults(pipeline: str, preset: presets.Preset) -> dict:
     if pipeline != "imagen":  # a saved text_guidance_scale (three-branch decoder guidance) is a dalle2 default too
         text = preset.extra.get("text_guidance_scale")
         return {"guidance_interval": preset.guidance_interval, **({} if text is None else {"text_guidance_scale": text})}
+    end = preset.extra.get("denoising_end")  # a saved early stop of the base (nineteenth session)
     return {"guidance_interval": preset.guidance_interval, "noise_level": preset.noise_level,
-            "sr_strength": preset.sr_strength}  # fmt: skip
+            "sr_strength": preset.sr_strength, **({} if end is None else {"denoising_end": end})}  # fmt: skip
 
 
 def generate(

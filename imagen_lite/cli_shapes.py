@@ -147,6 +147,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
         "guidance_scale": args.guidance,
         "scheduler": args.scheduler,
         "sr_strength": args.sr_strength,
+        "denoising_end": args.denoising_end,
         "guidance_interval": call_kwargs(args).get("guidance_interval"),
         "device": args.device,
         "dtype": args.dtype,

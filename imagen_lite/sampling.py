@@ -160,6 +160,7 @@ def denoise(
     step_kwargs: Callable[[int, torch.Tensor], dict] | dict | None = None,
     progress_bar=None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    denoising_end: float = 1.0,
 ) -> torch.Tensor:
     """Run one diffusion stage: ``x_T -> x_0`` with a diffusers scheduler.
 
@@ -182,6 +183,11 @@ def denoise(
             ``prev_timestep``...), or a function ``(i, t) -> dict``.
         progress_bar: anything with ``update()``.
         callback: ``callback(i, t, sample)`` after each step.
+        denoising_end: in (0, 1]; below 1 the stage stops after the first
+            ``denoising_steps(len(timesteps), denoising_end)`` steps and returns the model's
+            prediction of x0 at the last of them (the scheduler step's ``pred_original_sample``)
+            instead of running the low-noise steps (:func:`denoising_steps`). The guidance
+            interval stays a fraction of all the steps.
 
     Returns:
         (B, C, ...) the denoised sample.
@@ -190,7 +196,8 @@ def denoise(
     timesteps = list(timesteps)
     guided = guided_steps(len(timesteps), guidance_interval)
     variance_type = getattr(scheduler.config, "variance_type", None)
-    for i, t in enumerate(timesteps):
+    run = denoising_steps(len(timesteps), denoising_end)
+    for i, t in enumerate(timesteps[:run]):
         cfg = do_classifier_free_guidance and guided[i]
         model_input = sample if cond_image is None else torch.cat([sample, cond_image], dim=1)
         if cfg:
@@ -205,13 +212,35 @@ def denoise(
             model_output = model_output[:, :sample_channels]
 
         kwargs = step_kwargs(i, t) if callable(step_kwargs) else (step_kwargs or {})
-        sample = scheduler.step(model_output, t, sample, **kwargs, return_dict=False)[0]
+        if run < len(timesteps) and i == run - 1:  # the last step run: its x0 prediction is the output
+            out = scheduler.step(model_output, t, sample, **kwargs, return_dict=True)
+            if getattr(out, "pred_original_sample", None) is None:
+                raise ValueError(f"denoising_end={denoising_end!r} needs a scheduler whose step returns its x0 "
+                                 f"prediction (DDPM, DDIM, Euler); {type(scheduler).__name__} does not")  # fmt: skip
+            sample = out.pred_original_sample
+        else:
+            sample = scheduler.step(model_output, t, sample, **kwargs, return_dict=False)[0]
 
         if progress_bar is not None:
             progress_bar.update()
         if callback is not None:
             callback(i, t, sample)
     return sample
+
+
+def denoising_steps(num_steps: int, denoising_end: float = 1.0) -> int:
+    """How many of a stage's ``num_steps`` steps run with ``denoising_end`` (a fraction in (0, 1]
+    of the steps, as diffusers' ``denoising_end``): ``round(num_steps * denoising_end)``, at
+    least 1. ValueError naming a value outside (0, 1].
+
+    Why (nineteenth session, docs/model_card.md): the embedded Imagen base's x0 prediction draws a
+    square's edges cleanest in the middle of its schedule; the last, low-noise steps keep the
+    sampling noise along an edge as a ragged half-covered row, which turns the square's box fill
+    into a circle's. Stopping there and returning the x0 prediction is the model's own estimate
+    of the clean image, with no noise left in it."""
+    if isinstance(denoising_end, bool) or not isinstance(denoising_end, numbers.Real) or not 0.0 < denoising_end <= 1.0:
+        raise ValueError(f"denoising_end={denoising_end!r} must be a number in (0, 1]: the fraction of the steps to run")
+    return max(1, min(num_steps, int(round(num_steps * float(denoising_end)))))
 
 
 def strength_timesteps(scheduler, num_inference_steps: int, strength: float) -> torch.Tensor:

@@ -153,6 +153,7 @@ class ImagenPipeline(DiffusionPipeline):
         guidance_interval=(0.0, 1.0),
         noise_level: int = 250,
         sr_strength: float = 1.0,
+        denoising_end: float = 1.0,
         num_stages: int | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
@@ -183,6 +184,10 @@ class ImagenPipeline(DiffusionPipeline):
                 noised to the timestep that leaves ``int(steps * sr_strength)`` of the stage's
                 steps to run, so the SR keeps the low-res layout and only sharpens it (and
                 costs that fraction of its steps).
+            denoising_end: in (0, 1]; the fraction of the base stage's steps to run, as
+                ``denoising_end`` in diffusers' SDXL pipelines; below 1 the base returns its
+                x0 prediction at the last step it runs (``sampling.denoise``), where SDXL
+                returns the noisy latents for a refiner. 1 (the default): every step.
             num_stages: run only the first N stages (default: all).
             generator: a seeded ``torch.Generator``; all noise is drawn from it in order.
             output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
@@ -214,6 +219,7 @@ class ImagenPipeline(DiffusionPipeline):
             raise ValueError(f"noise_level={noise_level!r} must be in [0, {max_level})")
         if isinstance(sr_strength, bool) or not isinstance(sr_strength, (int, float)) or not 0.0 < sr_strength <= 1.0:
             raise ValueError(f"sr_strength={sr_strength!r} must be a number in (0, 1]")
+        sampling.denoising_steps(steps[0], denoising_end)  # ValueError naming a bad value, before any work
         for k, name in enumerate(stages[1:], start=1):
             if int(steps[k] * sr_strength) < 1:
                 raise ValueError(
@@ -274,7 +280,7 @@ class ImagenPipeline(DiffusionPipeline):
                     model_fn, scheduler, x, scheduler.timesteps,
                     guidance_scale=guidance[0], do_classifier_free_guidance=cfg, guidance_interval=intervals[0], cond_image=grid,
                     step_kwargs=sampling.scheduler_step_kwargs(scheduler, generator),
-                    progress_bar=bar, callback=callback,
+                    progress_bar=bar, callback=callback, denoising_end=denoising_end,
                 )  # fmt: skip
             return sampling.pixel_shuffle(x, r)  # (N, 3, 64, 64)
 
