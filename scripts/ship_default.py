@@ -30,7 +30,7 @@ from pathlib import Path
 
 from imagen_lite import presets
 from imagen_lite.pipelines.common import is_guidance_scale
-from imagen_lite.sampling import check_guidance_interval
+from imagen_lite.sampling import check_guidance_interval, denoising_steps
 from imagen_lite.training.checkpoint import list_checkpoints
 from imagen_lite.training.default import (
     BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, export_base_checkpoint, export_cascade_carrying_sr, export_dalle2_checkpoint, export_sr_checkpoint,
@@ -98,6 +98,9 @@ def main(argv=None):
     p.add_argument("--noise-level", type=int, default=100)
     p.add_argument("--sr-strength", type=float, default=None,
                    help="imagen: img2img start of the SR stage, (0, 1] (default 1: from pure noise)")
+    p.add_argument("--denoising-end", type=float, default=None,
+                   help="imagen: the fraction of the base's steps to run, (0, 1]; below 1 the base returns its x0 "
+                        "prediction there (default: unset, every step)")  # fmt: skip
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--recipe", choices=sorted({*BASE_RECIPES, *DALLE2_PLANS}), default="v1",
                    help="the lineage to ship (scripts/train_default.py --recipe): its cache folders <stage>-<recipe>")
@@ -123,6 +126,14 @@ def main(argv=None):
         defaults["sr_strength"] = 1.0 if args.sr_strength is None else args.sr_strength
     elif args.sr_strength is not None:
         p.error(f"--sr-strength {args.sr_strength} applies to --family imagen only (the DALL-E 2 SR has no such start)")
+    if args.denoising_end is not None:
+        if args.family != "imagen":
+            p.error(f"--denoising-end {args.denoising_end} applies to --family imagen only (its base stage)")
+        try:
+            denoising_steps(defaults["num_inference_steps"][0], args.denoising_end)
+        except ValueError as err:
+            p.error(f"--denoising-end {args.denoising_end}: {err}")
+        defaults["denoising_end"] = args.denoising_end
     lineages = BASE_RECIPES if args.family == "imagen" else DALLE2_PLANS
     if args.recipe not in lineages:
         p.error(f"--recipe {args.recipe}: --family {args.family} has the lineages {sorted(lineages)}")

@@ -298,6 +298,13 @@ def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weig
     (tmp_path / "dalle2" / presets.DEFAULTS_FILE).write_text("{}")
     ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--text-guidance", "4", "--defaults-only"])
     assert json.loads((tmp_path / "dalle2" / presets.DEFAULTS_FILE).read_text())["text_guidance_scale"] == 4.0
+    ship["main"](argv + ["--denoising-end", "0.76"])  # the base's early stop: recorded only when given
+    assert json.loads((shipped / presets.DEFAULTS_FILE).read_text())["denoising_end"] == 0.76
+    for bad, why in ((["--denoising-end", "1.5"], "--denoising-end 1.5: denoising_end=1.5 must be a number in (0, 1]"),
+                     (["--family", "dalle2", "--denoising-end", "0.5"], "--denoising-end 0.5 applies to --family imagen only")):
+        with pytest.raises(SystemExit) as exit_info:
+            ship["main"]((argv + bad) if bad[0] != "--family" else ["--steps", "25,25,3", "--guidance", "2,2,1", *bad, "--defaults-only"])
+        assert exit_info.value.code == 2 and why in capsys.readouterr().err
 
 
 def test_coordinate_channels_grow_from_weights_without_them(tmp_path):

@@ -161,6 +161,81 @@ def test_generate_takes_sr_strength_from_the_model_dir(tiny_dir, tmp_path):
         handle.remove()
 
 
+def test_denoising_end_returns_the_base_x0_prediction_after_that_share_of_its_steps():
+    """denoising_end < 1 (diffusers' name): the base runs the first round(steps * end) of its
+    timesteps, and its output is the scheduler's x0 prediction at the last of them; 1 runs all."""
+    from diffusers import DDPMScheduler
+
+    pipe = _quiet(build_tiny_imagen())
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(4)
+    full = [int(t) for t in pipe.scheduler.timesteps]
+    kw = dict(num_inference_steps=(4,), guidance_scale=1.0, output_type="pt", num_stages=1)
+    seen, handle = _count_calls(pipe.unet)
+    x0 = []
+    original = pipe.scheduler.step
+
+    def step(model_output, timestep, sample, generator=None, return_dict=True):  # records each step's x0 prediction
+        out = original(model_output, timestep, sample, generator=generator, return_dict=True)
+        x0.append(out.pred_original_sample)
+        return out if return_dict else (out.prev_sample,)
+
+    pipe.scheduler.step = step
+    try:
+        whole = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+        assert seen == full
+        seen.clear(), x0.clear()
+        half = pipe("a red circle", denoising_end=0.5, generator=torch.Generator().manual_seed(0), **kw).images
+        assert seen == full[:2]
+        r = pipe.config.unshuffle_factor
+        assert torch.allclose(half, imagen_lite.sampling.pixel_shuffle(x0[-1], r).clamp(-1, 1), atol=1e-6)
+        assert not torch.allclose(half, whole)
+        seen.clear()
+        same = pipe("a red circle", denoising_end=1.0, generator=torch.Generator().manual_seed(0), **kw).images
+        assert torch.equal(same, whole) and seen == full
+    finally:
+        handle.remove()
+    for bad in (0, 1.5, -0.2, True, "0.5"):
+        with pytest.raises(ValueError, match="denoising_end=.* must be a number in \\(0, 1\\]"):
+            pipe("a red circle", denoising_end=bad, **kw)
+
+
+def test_denoising_end_needs_a_scheduler_that_predicts_x0():
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = _quiet(build_tiny_imagen())
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="denoising_end=0.5 needs a scheduler whose step returns its x0 prediction"):
+        pipe("a red circle", num_inference_steps=(4,), guidance_scale=1.0, num_stages=1, denoising_end=0.5)
+
+
+def test_generate_takes_denoising_end_from_the_model_dir_and_the_cli(tiny_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from imagen_lite import presets
+
+    model = tmp_path / "with_end"
+    shutil.copytree(tiny_dir, model)
+    (model / presets.DEFAULTS_FILE).write_text(json.dumps({"num_inference_steps": [4, 2], "denoising_end": 0.5}))
+    pipe = imagen_lite.load_pipeline(model=str(model), device="cpu")
+    seen, handle = _count_calls(pipe.unet)
+    try:
+        imagen_lite.generate("a red circle", model=str(model), device="cpu", seed=0, size=16)
+        assert len(seen) == 2
+        seen.clear()
+        imagen_lite.generate("a red circle", model=str(model), device="cpu", seed=0, size=16, denoising_end=1.0)
+        assert len(seen) == 4
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="denoising_end=0.5 applies to pipeline='imagen' only"):
+        imagen_lite.generate("a red circle", pipeline="dalle2", denoising_end=0.5)
+    got = {}
+    monkeypatch.setattr(imagen_lite.api, "generate", lambda *a, **k: got.update(k) or [Image.new("RGB", (8, 8))])
+    main(["generate", "a red circle", "--model", str(model), "--denoising-end", "0.75", "--out", str(tmp_path / "o.png")])
+    assert got.get("denoising_end") == 0.75
+
+
 def _record_batches(module):
     """A forward pre-hook that records the batch size of every call of ``module``."""
     seen = []
