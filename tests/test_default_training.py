@@ -523,6 +523,10 @@ def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatc
     script.main(["--stage", "imagen-base", "--recipe", "v4", "--minutes", "1"])
     assert seen["cache"] == tmp_path / "cache" / "imagen-base-v4" and seen["warm_start"] is None
     assert (seen["cfg"].binding_weight, seen["cfg"].layout_weight) == (0.5, 0.5)
+    # v5: v4 with 2x2 patches, in its own cache
+    script.main(["--stage", "imagen-base", "--recipe", "v5", "--minutes", "1"])
+    assert seen["cache"] == tmp_path / "cache" / "imagen-base-v5" and seen["warm_start"] is None
+    assert seen["cfg"].unshuffle_factor == 2 and seen["cfg"].phases == D.BASE_RECIPES["v4"]["phases"]
 
 
 def test_a_base_branch_takes_its_recipe_over_the_weights_of_another_lineage(tmp_path, monkeypatch):

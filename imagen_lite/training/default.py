@@ -263,6 +263,13 @@ BASE_RECIPES = {
     # relations sit at chance and its T5 hardly knows which object goes on which side:
     # ``layout_weight``). From step 0 because a late binding loss did not reach v2's images.
     "v4": dict(V2_SETTINGS, binding_weight=0.5, layout_weight=0.5, phases=dict(V2_LAYOUT_PHASES)),
+    # v5 (started in the nineteenth session): v4 with 2x2 patches (the base sees 12x32x32, not
+    # 48x16x16). Given a true render of a square at t = 0, v4's base returns an x0 prediction that
+    # the detector reads right in only 51 of 64 images (its edge rows come back ragged, and a square
+    # reads as a circle): the 4x4 patch grid, not the sampler or the timestep mix, limits its
+    # edges, and "shape wrong" is its largest failure. A step costs about 2.7x v4's
+    # (scripts/budget_speed.py: 1.59 against 0.58 s), so 8 reference hours buy about 20,000 steps.
+    "v5": dict(V2_SETTINGS, binding_weight=0.5, layout_weight=0.5, unshuffle_factor=2, phases=dict(V2_LAYOUT_PHASES)),
     # v4d (nineteenth session): a branch of the shipped v4 at 24,366 (``--recipe v4d --warm-start
     # imagen_lite/weights/imagen``) with the detail phase below. Not a lineage from scratch.
     "v4d": dict(V2_SETTINGS, binding_weight=0.5, layout_weight=0.5,
