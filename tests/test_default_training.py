@@ -779,6 +779,26 @@ def test_probe_text_layout_reads_sides_off_shape_words(tmp_path, capsys):
     assert 0.0 <= acc <= 1.0 and "probe test accuracy" in capsys.readouterr().out
 
 
+def test_probe_square_edges_scores_the_x0_prediction_of_true_renders(tmp_path, capsys):
+    """scripts/probe_square_edges.py: a base that gives its input back scores every true render
+    right at t = 0, one that returns a blank canvas none; end to end on an exported tiny base."""
+    import runpy
+    from types import SimpleNamespace
+
+    probe = runpy.run_path(str(imagen_lite.__path__[0] + "/../scripts/probe_square_edges.py"))
+    scheduler = D.C.ddpm_scheduler(prediction_type="sample")
+    for unet, want in ((lambda x, t, **k: (x,), 4), (lambda x, t, **k: (torch.ones_like(x),), 0)):
+        pipe = SimpleNamespace(config=SimpleNamespace(unshuffle_factor=4), scheduler=scheduler, unet=unet,
+                               encode_prompt=lambda prompts, device: torch.zeros(len(prompts), 4, 8))  # fmt: skip
+        assert probe["returned_right"](pipe, "a blue square", 0, n=4) == (4, want)
+    D.train_base(tiny_base_cfg(), tmp_path / "run", minutes=10, resume=None, max_steps=2, export_dir=tmp_path / "pipe")
+    rows = probe["main"](["--model", str(tmp_path / "pipe"), "--timesteps", "0,500", "--n", "2"])
+    assert set(rows) == {0, 500} and all(true == 8 and 0 <= got <= 8 for got, true in rows.values())
+    assert "| 500 | 8 / 8 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        probe["main"](["--model", str(tmp_path / "pipe"), "--timesteps", "0,1000"])
+
+
 def test_probe_dalle2_binding_runs_both_checks_on_the_shipped_default(capsys):
     """scripts/probe_dalle2_binding.py, a few prompts: the clip check is a share, the oracle
     counts every two-object / relation image once per conditioning."""
