@@ -469,9 +469,9 @@ def test_a_base_phase_may_not_change_the_architecture(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatch):
-    """--recipe v2: a lineage beside the shipped one, with BASE_RECIPES["v2"] applied on a fresh
-    start and a warm start only from its own wip/ directory, never from the shipped v1 weights."""
+def _train_default_script(tmp_path, monkeypatch):
+    """scripts/train_default.py loaded as a module, its base trainer replaced by one that records
+    (cfg, cache, warm_start) in the returned dict, its cache under ``tmp_path``."""
     import importlib.util
     import pathlib
 
@@ -486,6 +486,13 @@ def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatc
 
     monkeypatch.setattr(script, "train_base_plan", fake_plan)
     monkeypatch.setattr(script, "DEFAULT_CACHE", tmp_path / "cache")
+    return script, seen
+
+
+def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatch):
+    """--recipe v2: a lineage beside the shipped one, with BASE_RECIPES["v2"] applied on a fresh
+    start and a warm start only from its own wip/ directory, never from the shipped v1 weights."""
+    script, seen = _train_default_script(tmp_path, monkeypatch)
     monkeypatch.setattr(script, "WIP_DIR", tmp_path / "wip")
     monkeypatch.setattr(imagen_lite.presets, "WEIGHTS_DIR", tmp_path / "weights")  # v1 ships (nothing recorded)
     script.main(["--stage", "imagen-base", "--recipe", "v2", "--minutes", "1"])
@@ -533,20 +540,7 @@ def test_a_base_branch_takes_its_recipe_over_the_weights_of_another_lineage(tmp_
     """--recipe v4d --warm-start <v4 weights>: the v4 weights and step, v4d's settings and phases
     (its detail phase: uniform timesteps from 24,366), in its own cache; the same weights under
     their own recipe keep the config they were trained with."""
-    import importlib.util
-    import pathlib
-
-    spec = importlib.util.spec_from_file_location("train_default", pathlib.Path(imagen_lite.__file__).parents[1] / "scripts" / "train_default.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    seen = {}
-
-    def fake_plan(cfg, cache, minutes, resume, export, max_steps, warm_start=None):
-        seen.update(cfg=cfg, cache=cache, warm_start=warm_start)
-        return {"step": 0}
-
-    monkeypatch.setattr(script, "train_base_plan", fake_plan)
-    monkeypatch.setattr(script, "DEFAULT_CACHE", tmp_path / "cache")
+    script, seen = _train_default_script(tmp_path, monkeypatch)
     monkeypatch.setattr(imagen_lite.presets, "WEIGHTS_DIR", tmp_path / "weights")
     v4 = tmp_path / "weights" / "imagen"
     v4.mkdir(parents=True)
