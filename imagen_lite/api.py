@@ -274,7 +274,7 @@ def check_call_kwargs(pipeline: str, kwargs: dict) -> None:
 def family_call_defaults(pipeline: str, preset: presets.Preset) -> dict:
     """The pipeline-call keywords a model's preset fills in when the caller gives none: its
     ``guidance_interval``, for DALL-E 2 a saved ``text_guidance_scale``, and for the Imagen family
-    its SR's :data:`IMAGEN_ONLY_KWARGS`."""
+    its :data:`IMAGEN_ONLY_KWARGS` (``denoising_end`` only where its defaults file saves one)."""
     if pipeline != "imagen":  # a saved text_guidance_scale (three-branch decoder guidance) is a dalle2 default too
         text = preset.extra.get("text_guidance_scale")
         return {"guidance_interval": preset.guidance_interval, **({} if text is None else {"text_guidance_scale": text})}

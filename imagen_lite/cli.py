@@ -44,8 +44,8 @@ def _interval(text: str) -> tuple[float, float]:
 
 
 def add_call_arguments(parser) -> None:
-    """``--guidance-interval``, ``--sr-strength``, ``--denoising-end`` and ``--text-guidance`` for the commands that call ``generate()``
-    (generate, eval shapes)."""
+    """``--guidance-interval``, ``--sr-strength``, ``--denoising-end`` and ``--text-guidance`` for
+    the commands that call ``generate()`` (generate, eval shapes)."""
     parser.add_argument("--guidance-interval", type=_interval, nargs="+", default=None, metavar="START,STOP",
                         help="the fraction of each guided stage's steps that use guidance, 0 = the noisiest: "
                              "one pair for every stage (0,0.4) or one per stage (0,0.4 0,1); default: the model's")  # fmt: skip
@@ -61,7 +61,8 @@ def add_call_arguments(parser) -> None:
 
 def call_kwargs(args) -> dict:
     """The pipeline-call keywords given on the command line (``guidance_interval``,
-    ``sr_strength``, ``denoising_end``, ``text_guidance_scale``); one not given is left to the model's default."""
+    ``sr_strength``, ``denoising_end``, ``text_guidance_scale``); one not given is left to the
+    model's default."""
     interval = args.guidance_interval
     if interval is not None:  # one pair: every stage; several: one per stage
         interval = interval[0] if len(interval) == 1 else tuple(interval)

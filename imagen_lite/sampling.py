@@ -237,7 +237,9 @@ def denoising_steps(num_steps: int, denoising_end: float = 1.0) -> int:
     square's edges cleanest in the middle of its schedule; the last, low-noise steps keep the
     sampling noise along an edge as a ragged half-covered row, which turns the square's box fill
     into a circle's. Stopping there and returning the x0 prediction is the model's own estimate
-    of the clean image, with no noise left in it."""
+    of the clean image, with no noise left in it. Measured, it did not pay: 0.84 scored 80.3%
+    against 80.7% on the standard 600 images (paired z -0.2). The base returns ragged edges even
+    from a clean true render (``scripts/probe_square_edges.py``), so it stays off by default."""
     if isinstance(denoising_end, bool) or not isinstance(denoising_end, numbers.Real) or not 0.0 < denoising_end <= 1.0:
         raise ValueError(f"denoising_end={denoising_end!r} must be a number in (0, 1]: the fraction of the steps to run")
     return max(1, min(num_steps, int(round(num_steps * float(denoising_end)))))
