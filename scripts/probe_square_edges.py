@@ -23,17 +23,8 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 CAPTIONS = ("a yellow square", "a small yellow square", "a blue square", "four purple squares")
-
-
-def to_images(x: torch.Tensor) -> list:
-    """(B, 3, H, W) in [-1, 1] -> PIL images, as the pipeline's ``output_type="pil"`` rounds them."""
-    from PIL import Image
-
-    arrays = ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
-    return [Image.fromarray(a) for a in arrays]
 
 
 def true_renders(caption: str, n: int, seed: int = 0) -> torch.Tensor:
@@ -48,19 +39,22 @@ def true_renders(caption: str, n: int, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def returned_right(pipe, caption: str, t: int, n: int = 16, seed: int = 0) -> tuple[int, int]:
     """(true renders scored right, x0 predictions of them scored right) for ``caption`` at ``t``."""
+    from imagen_lite import sampling
     from imagen_lite.evaluation.shapes import score_image
+    from imagen_lite.pipelines.common import postprocess
 
     if pipe.scheduler.config.prediction_type != "sample":
         raise ValueError(f"the probe reads x0 predictions; this base predicts {pipe.scheduler.config.prediction_type!r}")
     x = true_renders(caption, n, seed)
     r = pipe.config.unshuffle_factor
-    xu = F.pixel_unshuffle(x, r)
+    xu = sampling.pixel_unshuffle(x, r)
     tt = torch.full((n,), int(t), dtype=torch.long)
     xt = pipe.scheduler.add_noise(xu, torch.randn(xu.shape, generator=torch.Generator().manual_seed(seed + 1)), tt)
+    xt = sampling.append_coordinates(xt, getattr(pipe.config, "coord_channels", 0))  # as the pipeline's base
     emb = pipe.encode_prompt([caption] * n, "cpu")
-    x0 = F.pixel_shuffle(pipe.unet(xt, tt, encoder_hidden_states=emb, return_dict=False)[0], r)
-    true = sum(score_image(im, caption) for im in to_images(x))
-    return true, sum(score_image(im, caption) for im in to_images(x0))
+    x0 = sampling.pixel_shuffle(pipe.unet(xt, tt, encoder_hidden_states=emb, return_dict=False)[0], r)
+    true = sum(score_image(im, caption) for im in postprocess(x, "pil"))  # the pipeline's own PIL rounding
+    return true, sum(score_image(im, caption) for im in postprocess(x0, "pil"))
 
 
 def main(argv=None) -> dict:
