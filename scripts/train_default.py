@@ -92,9 +92,9 @@ def main(argv=None):
         p.error(str(err))
     # a run continues the recipe it resumes (checkpoint, else shipped weights); --set changes it
     cfg = resumed_config(STAGES[args.stage], ckpt, warm_start if resume else None, args.stage)
-    branch = (ckpt is None and warm_start is not None and resume and args.stage == "imagen-base"
-              and shipped_recipe(warm_start, "imagen-base") != args.recipe)  # fmt: skip
-    if ckpt is None and (warm_start is None or not resume or branch) and args.stage == "imagen-base":
+    if args.stage == "imagen-base" and ckpt is None and (
+        warm_start is None or not resume or shipped_recipe(warm_start, "imagen-base") != args.recipe
+    ):
         # from scratch: the lineage's recipe; a branch (weights of another lineage, --recipe names
         # this one) too, its phases re-applied up to the warm start's step (e.g. v4d from v4)
         cfg = replace(cfg, **BASE_RECIPES[args.recipe])
