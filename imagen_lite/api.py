@@ -156,7 +156,7 @@ def _dir_preset(path: Path, pipeline: str, fallback: presets.Preset) -> presets.
         sr_strength=float(d.get("sr_strength", fallback.sr_strength)),
         guidance_interval=_pairs(d.get("guidance_interval", fallback.guidance_interval)),
         extra={"scheduler": d.get("scheduler"), "text_guidance_scale": d.get("text_guidance_scale"),
-               "denoising_end": d.get("denoising_end")},
+               "denoising_end": d.get("denoising_end"), "refiner_start": d.get("refiner_start")},
     )  # fmt: skip
 
 
@@ -234,9 +234,9 @@ def _load_placed(pipeline, model, device, dtype, offload, scheduler=None, lora=N
     return pipe
 
 
-IMAGEN_ONLY_KWARGS = ("noise_level", "sr_strength", "denoising_end")
-"""Pipeline-call keywords of the Imagen family's stages (its SR stages; the base's early stop);
-the unCLIP family has no such knobs."""
+IMAGEN_ONLY_KWARGS = ("noise_level", "sr_strength", "denoising_end", "refiner_start")
+"""Pipeline-call keywords of the Imagen family's stages (its SR stages; the base's early stop and
+its low-noise refiner); the unCLIP family has no such knobs."""
 
 
 def check_family_kwargs(pipeline: str, kwargs: dict) -> None:
@@ -274,13 +274,14 @@ def check_call_kwargs(pipeline: str, kwargs: dict) -> None:
 def family_call_defaults(pipeline: str, preset: presets.Preset) -> dict:
     """The pipeline-call keywords a model's preset fills in when the caller gives none: its
     ``guidance_interval``, for DALL-E 2 a saved ``text_guidance_scale``, and for the Imagen family
-    its :data:`IMAGEN_ONLY_KWARGS` (``denoising_end`` only where its defaults file saves one)."""
+    its :data:`IMAGEN_ONLY_KWARGS` (``denoising_end`` and ``refiner_start`` only where its defaults
+    file saves them)."""
     if pipeline != "imagen":  # a saved text_guidance_scale (three-branch decoder guidance) is a dalle2 default too
         text = preset.extra.get("text_guidance_scale")
         return {"guidance_interval": preset.guidance_interval, **({} if text is None else {"text_guidance_scale": text})}
-    end = preset.extra.get("denoising_end")  # a saved early stop of the base (nineteenth session)
+    saved = {k: preset.extra.get(k) for k in ("denoising_end", "refiner_start")}  # nineteenth, twentieth sessions
     return {"guidance_interval": preset.guidance_interval, "noise_level": preset.noise_level,
-            "sr_strength": preset.sr_strength, **({} if end is None else {"denoising_end": end})}  # fmt: skip
+            "sr_strength": preset.sr_strength, **{k: v for k, v in saved.items() if v is not None}}  # fmt: skip
 
 
 def generate(

@@ -44,7 +44,7 @@ def _interval(text: str) -> tuple[float, float]:
 
 
 def add_call_arguments(parser) -> None:
-    """``--guidance-interval``, ``--sr-strength``, ``--denoising-end`` and ``--text-guidance`` for
+    """``--guidance-interval``, ``--sr-strength``, ``--denoising-end``, ``--refiner-start`` and ``--text-guidance`` for
     the commands that call ``generate()`` (generate, eval shapes)."""
     parser.add_argument("--guidance-interval", type=_interval, nargs="+", default=None, metavar="START,STOP",
                         help="the fraction of each guided stage's steps that use guidance, 0 = the noisiest: "
@@ -54,6 +54,9 @@ def add_call_arguments(parser) -> None:
     parser.add_argument("--denoising-end", type=float, default=None,
                         help="imagen: the fraction of the base's steps to run, in (0, 1]; below 1 the base "
                              "returns its x0 prediction there (default: the model's)")  # fmt: skip
+    parser.add_argument("--refiner-start", type=int, default=None,
+                        help="imagen: the base's steps below this timestep run on the model's low-noise refiner; "
+                             "0: none (default: the model's)")  # fmt: skip
     parser.add_argument("--text-guidance", type=float, default=None, dest="text_guidance_scale",
                         help="dalle2: the decoder's caption-alone guidance s_t (three-branch guidance, "
                              "UnCLIPLitePipeline's text_guidance_scale; default: the model's)")  # fmt: skip
@@ -61,12 +64,13 @@ def add_call_arguments(parser) -> None:
 
 def call_kwargs(args) -> dict:
     """The pipeline-call keywords given on the command line (``guidance_interval``,
-    ``sr_strength``, ``denoising_end``, ``text_guidance_scale``); one not given is left to the
+    ``sr_strength``, ``denoising_end``, ``refiner_start``, ``text_guidance_scale``); one not given is left to the
     model's default."""
     interval = args.guidance_interval
     if interval is not None:  # one pair: every stage; several: one per stage
         interval = interval[0] if len(interval) == 1 else tuple(interval)
     given = {"guidance_interval": interval, "sr_strength": args.sr_strength, "denoising_end": args.denoising_end,
+             "refiner_start": getattr(args, "refiner_start", None),
              "text_guidance_scale": getattr(args, "text_guidance_scale", None)}
     return {k: v for k, v in given.items() if v is not None}
 

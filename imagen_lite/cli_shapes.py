@@ -148,6 +148,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
         "scheduler": args.scheduler,
         "sr_strength": args.sr_strength,
         "denoising_end": args.denoising_end,
+        "refiner_start": args.refiner_start,
         "guidance_interval": call_kwargs(args).get("guidance_interval"),
         "device": args.device,
         "dtype": args.dtype,

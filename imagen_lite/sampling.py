@@ -228,6 +228,36 @@ def denoise(
     return sample
 
 
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def x0_from_prediction(output: torch.Tensor, sample: torch.Tensor, alpha_cumprod, prediction_type: str) -> torch.Tensor:
+    """The x0 estimate a model output of ``prediction_type`` makes of ``sample`` (x_t, variance
+    preserving) at a timestep whose ``alphas_cumprod`` is ``alpha_cumprod`` (a float or a tensor
+    that broadcasts): DDPM's ``pred_original_sample``."""
+    a = torch.as_tensor(alpha_cumprod, dtype=sample.dtype, device=sample.device)
+    if prediction_type == "sample":
+        return output
+    if prediction_type == "epsilon":
+        return (sample - (1 - a).sqrt() * output) / a.sqrt()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * sample - (1 - a).sqrt() * output
+    raise ValueError(f"prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}")
+
+
+def prediction_from_x0(x0: torch.Tensor, sample: torch.Tensor, alpha_cumprod, prediction_type: str) -> torch.Tensor:
+    """The model output of ``prediction_type`` that makes ``x0`` its estimate of ``sample`` (the
+    inverse of :func:`x0_from_prediction`): how a refiner's estimate enters a base's scheduler."""
+    a = torch.as_tensor(alpha_cumprod, dtype=sample.dtype, device=sample.device)
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "epsilon":
+        return (sample - a.sqrt() * x0) / (1 - a).sqrt()
+    if prediction_type == "v_prediction":
+        return (a.sqrt() * sample - x0) / (1 - a).sqrt()
+    raise ValueError(f"prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}")
+
+
 def denoising_steps(num_steps: int, denoising_end: float = 1.0) -> int:
     """How many of a stage's ``num_steps`` steps run with ``denoising_end`` (a fraction in (0, 1]
     of the steps, as diffusers' ``denoising_end``): ``round(num_steps * denoising_end)``, at

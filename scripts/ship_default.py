@@ -33,8 +33,8 @@ from imagen_lite.pipelines.common import is_guidance_scale
 from imagen_lite.sampling import check_guidance_interval, denoising_steps
 from imagen_lite.training.checkpoint import list_checkpoints
 from imagen_lite.training.default import (
-    BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, export_base_checkpoint, export_cascade_carrying_sr, export_dalle2_checkpoint, export_sr_checkpoint,
-    lineage_name, record_recipe,
+    BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, export_base_checkpoint, export_cascade_carrying_sr, export_dalle2_checkpoint,
+    export_refiner_checkpoint, export_sr_checkpoint, lineage_name, record_recipe,
 )  # fmt: skip
 
 
@@ -62,20 +62,37 @@ def swap_in(tmp: Path, out: Path) -> Path:
     return out
 
 
-def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1") -> Path:
+def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1", base_dir: Path | None = None) -> Path:
     """The base of ``recipe``'s lineage + its own SR; a lineage with no SR checkpoint of its own
-    carries the shipped cascade's SR (``export_cascade_carrying_sr``)."""
+    carries the shipped cascade's SR (``export_cascade_carrying_sr``). ``base_dir``: an exported
+    cascade (e.g. the shipped one) to use as it is instead. With a ``refiner_start`` in
+    ``defaults``, the newest refiner checkpoint (``train_default/imagen-refiner``) goes on top."""
     sr_cache = cache / lineage_name("imagen-sr", recipe)
+    refiner = defaults.get("refiner_start", 0) > 0
     with tempfile.TemporaryDirectory() as work:
-        base = export_base_checkpoint(cache / lineage_name("imagen-base", recipe), Path(work) / "base")
         tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
-        if recipe != "v1" and not list_checkpoints(sr_cache):
-            export_cascade_carrying_sr(base, presets.WEIGHTS_DIR / "imagen", tmp, defaults=defaults)
-            record_recipe(tmp, ["imagen-base"], recipe)  # the carried SR keeps its own lineage's record
-        else:
-            export_sr_checkpoint(sr_cache, base, tmp, defaults=defaults)
-            record_recipe(tmp, ["imagen-base", "imagen-sr"], recipe)
+        cascade = base_dir if base_dir is not None else Path(work) / "cascade" if refiner else tmp
+        if base_dir is None:
+            base = export_base_checkpoint(cache / lineage_name("imagen-base", recipe), Path(work) / "base")
+            if recipe != "v1" and not list_checkpoints(sr_cache):
+                export_cascade_carrying_sr(base, presets.WEIGHTS_DIR / "imagen", cascade, defaults=defaults)
+                record_recipe(cascade, ["imagen-base"], recipe)  # the carried SR keeps its own lineage's record
+            else:
+                export_sr_checkpoint(sr_cache, base, cascade, defaults=defaults)
+                record_recipe(cascade, ["imagen-base", "imagen-sr"], recipe)
+        if refiner:
+            export_refiner_checkpoint(cache / "imagen-refiner", cascade, tmp, defaults=defaults)
+            check_refiner_start(tmp, defaults["refiner_start"])
     return swap_in(tmp, out)
+
+
+def check_refiner_start(directory: Path, refiner_start: int) -> None:
+    """ValueError (the directory removed) when the exported refiner cannot run ``refiner_start``."""
+    model_index = json.loads((directory / "model_index.json").read_text())
+    if refiner_start > model_index.get("refiner_max_timestep", 0):
+        shutil.rmtree(directory)
+        raise ValueError(f"--refiner-start {refiner_start} is above the timesteps the refiner was trained on "
+                         f"(0 to {model_index.get('refiner_max_timestep', 0)})")  # fmt: skip
 
 
 def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1") -> Path:
@@ -101,6 +118,12 @@ def main(argv=None):
     p.add_argument("--denoising-end", type=float, default=None,
                    help="imagen: the fraction of the base's steps to run, (0, 1]; below 1 the base returns its x0 "
                         "prediction there (default: unset, every step)")  # fmt: skip
+    p.add_argument("--refiner-start", type=int, default=None,
+                   help="imagen: add the newest refiner checkpoint (train_default/imagen-refiner); the base's steps "
+                        "below this timestep run on it (default: no refiner)")  # fmt: skip
+    p.add_argument("--base-dir", type=Path, default=None,
+                   help="imagen, with --refiner-start: put the refiner on this exported cascade (e.g. the shipped "
+                        "imagen_lite/weights/imagen) instead of exporting the base and SR from the cache")  # fmt: skip
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--recipe", choices=sorted({*BASE_RECIPES, *DALLE2_PLANS}), default="v1",
                    help="the lineage to ship (scripts/train_default.py --recipe): its cache folders <stage>-<recipe>")
@@ -134,6 +157,17 @@ def main(argv=None):
         except ValueError as err:
             p.error(f"--denoising-end {args.denoising_end}: {err}")
         defaults["denoising_end"] = args.denoising_end
+    if args.refiner_start is not None:
+        if args.family != "imagen":
+            p.error(f"--refiner-start {args.refiner_start} applies to --family imagen only (its base stage)")
+        if args.refiner_start < 1:
+            p.error(f"--refiner-start {args.refiner_start}: a timestep >= 1 (leave it out for no refiner)")
+        defaults["refiner_start"] = args.refiner_start
+    if args.base_dir is not None and args.refiner_start is None:
+        p.error("--base-dir is for --refiner-start (a refiner put on an exported cascade); "
+                "to change only the generation defaults use --defaults-only")  # fmt: skip
+    if args.base_dir is not None and not (args.base_dir / "model_index.json").is_file():
+        p.error(f"--base-dir {args.base_dir}: no model_index.json there (an exported Imagen cascade is needed)")
     lineages = BASE_RECIPES if args.family == "imagen" else DALLE2_PLANS
     if args.recipe not in lineages:
         p.error(f"--recipe {args.recipe}: --family {args.family} has the lineages {sorted(lineages)}")
@@ -146,8 +180,13 @@ def main(argv=None):
         (out / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
         print(f"{out / presets.DEFAULTS_FILE}: {defaults}")
         return
-    ship = ship_imagen if args.family == "imagen" else ship_dalle2
-    path = ship(args.cache, out, defaults, args.recipe)
+    try:
+        if args.family == "imagen":
+            path = ship_imagen(args.cache, out, defaults, args.recipe, args.base_dir)
+        else:
+            path = ship_dalle2(args.cache, out, defaults, args.recipe)
+    except (ValueError, FileNotFoundError) as err:  # e.g. no refiner checkpoint, a refiner_start it cannot run
+        p.error(str(err))
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"{path}: {size / 2**20:.1f} MiB")
 

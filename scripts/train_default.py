@@ -24,14 +24,17 @@ from pathlib import Path
 
 from imagen_lite import presets
 from imagen_lite.training.default import (
-    BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, TRAINING_STATE_FILE, WIP_DIR, BaseRunConfig, SRRunConfig, export_base_checkpoint, export_sr_checkpoint,
-    lineage_name, resumed_config, shipped_recipe, train_base_plan, train_dalle2, train_sr,
+    BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, TRAINING_STATE_FILE, WIP_DIR, BaseRunConfig, RefinerRunConfig, SRRunConfig, export_base_checkpoint,
+    export_refiner_checkpoint, export_sr_checkpoint, lineage_name, resumed_config, shipped_recipe, train_base_plan, train_dalle2,
+    train_refiner, train_sr,
 )  # fmt: skip
 from imagen_lite.training.checkpoint import resolve_resume
 
 # Run configs of the Imagen stages; "dalle2" chains clip -> prior -> sr -> decoder with the
 # generic `imagen-lite train` loop, its recipe in DALLE2_PLAN (v2: DALLE2_V2_PLAN; no --set there).
-STAGES = {"imagen-base": BaseRunConfig, "imagen-sr": SRRunConfig}
+# "imagen-refiner" (twentieth session) is the base's low-noise refiner; it trains without a base
+# (unconditional) and is exported onto --base-dir, by default the shipped cascade.
+STAGES = {"imagen-base": BaseRunConfig, "imagen-sr": SRRunConfig, "imagen-refiner": RefinerRunConfig}
 
 
 def main(argv=None):
@@ -42,7 +45,8 @@ def main(argv=None):
     p.add_argument("--cache", type=Path, default=None, help="checkpoint folder (default: %s/<stage>)" % DEFAULT_CACHE)
     p.add_argument("--resume", default="latest", help="'latest', a step_* dir, or 'none' to start afresh")
     p.add_argument("--export", type=Path, default=None, help="write the EMA pipeline here at the end")
-    p.add_argument("--base-dir", type=Path, default=None, help="imagen-sr: the trained base pipeline dir (frozen T5)")
+    p.add_argument("--base-dir", type=Path, default=None, help="imagen-sr: the trained base pipeline dir (frozen T5); imagen-refiner: the pipeline "
+                                                                    "to export the refiner with (default: the shipped one)")
     p.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA to --export (imagen-sr: on top of --base-dir), no training")
     p.add_argument("--warm-start", default="shipped",
                    help="with no checkpoint in the cache, start from these exported weights: 'shipped' (the package's "
@@ -64,7 +68,8 @@ def main(argv=None):
     family = "dalle2" if args.stage == "dalle2" else "imagen"
     # the lineage that ships (its stage record's "recipe", v1 when unrecorded) warm-starts from the
     # package; any other lineage from its own work-in-progress weights (wip/<lineage>), if any
-    record = {"imagen-base": "imagen-base", "imagen-sr": "imagen-sr", "dalle2": "decoder"}[args.stage]
+    record = {"imagen-base": "imagen-base", "imagen-sr": "imagen-sr", "imagen-refiner": "imagen-refiner",
+              "dalle2": "decoder"}[args.stage]  # fmt: skip
     in_package = shipped_recipe(presets.WEIGHTS_DIR / family, record)
     if args.recipe is None:
         args.recipe = in_package  # continue what ships, not a lineage the package has moved past
@@ -109,6 +114,8 @@ def main(argv=None):
             p.error("--export-only needs --export DIR")
         if args.stage == "imagen-base":
             print(export_base_checkpoint(cache, args.export, args.resume))
+        elif args.stage == "imagen-refiner":
+            print(export_refiner_checkpoint(cache, args.base_dir or presets.WEIGHTS_DIR / family, args.export, args.resume))
         elif args.base_dir is None:
             p.error("--stage imagen-sr --export-only needs --base-dir (the base pipeline to put under the SR stage)")
         else:
@@ -116,6 +123,12 @@ def main(argv=None):
         return
     if args.stage == "imagen-base":
         result = train_base_plan(cfg, cache, args.minutes, resume, args.export, args.max_steps, warm_start=warm_start)
+    elif args.stage == "imagen-refiner":
+        try:
+            result = train_refiner(cfg, cache, args.minutes, resume, args.export, args.max_steps, warm_start=warm_start,
+                                   base_dir=args.base_dir or presets.WEIGHTS_DIR / family)  # fmt: skip
+        except ValueError as err:  # a bad --set (max_timestep)
+            p.error(str(err))
     else:
         base_dir = args.base_dir or warm_start  # the shipped cascade carries the base's T5
         if base_dir is None:

@@ -806,3 +806,72 @@ def test_probe_dalle2_binding_runs_both_checks_on_the_shipped_default(capsys):
         for kind, n in kinds.items():
             assert sum(out["oracle"][(mode, kind)].values()) == n
     assert "oracle: prior " in capsys.readouterr().out
+
+
+def tiny_refiner_cfg(**kw) -> D.RefinerRunConfig:
+    return D.RefinerRunConfig(batch_size=2, warmup_steps=2, checkpoint_every=2,
+                              size=dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8), **kw)  # fmt: skip
+
+
+def test_the_refiner_trains_resumes_and_exports_onto_a_cascade(tmp_path):
+    """train_refiner: v loss on t < max_timestep, checkpoints that resume at their step, and an
+    export that is the given cascade plus the EMA refiner (training state and defaults kept)."""
+    from imagen_lite import presets
+    from imagen_lite.models.tiny import build_tiny_imagen
+
+    cascade = tmp_path / "cascade"
+    build_tiny_imagen(unshuffle_factor=2).save_pretrained(cascade, safe_serialization=True)
+    D.write_training_state(cascade, {"imagen-base": {"step": 7, "cpu_hours": 0.1, "config": {}}})
+    (cascade / presets.DEFAULTS_FILE).write_text(json.dumps({"num_inference_steps": [4, 2]}))
+    cfg = tiny_refiner_cfg(max_timestep=200)
+    first = D.train_refiner(cfg, tmp_path / "cache", minutes=10, resume=None, max_steps=2)
+    assert first["step"] == 2
+    again = D.train_refiner(cfg, tmp_path / "cache", minutes=10, max_steps=4, export_dir=tmp_path / "out", base_dir=cascade)
+    assert again["step"] == 4 and again["cpu_hours"] > first["cpu_hours"]
+    state = D.read_training_state(tmp_path / "out")
+    assert state["imagen-base"]["step"] == 7 and state["imagen-refiner"]["step"] == 4
+    assert state["imagen-refiner"]["config"]["max_timestep"] == 200
+    assert json.loads((tmp_path / "out" / presets.DEFAULTS_FILE).read_text()) == {"num_inference_steps": [4, 2]}
+    pipe = imagen_lite.load_pipeline("imagen", model=str(tmp_path / "out"), device="cpu", dtype="float32")
+    assert pipe.config.refiner_max_timestep == 200 and pipe.refiner.dtype == torch.float32
+    out = pipe(["a red circle"], num_inference_steps=(4, 2), refiner_start=200, output_type="np",
+               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert out.images.shape[1:3] == (32, 32)
+    with pytest.raises(ValueError, match="max_timestep=0: the refiner's timesteps"):
+        D.train_refiner(tiny_refiner_cfg(max_timestep=0), tmp_path / "bad", minutes=1, max_steps=1)
+    with pytest.raises(ValueError, match="export_dir needs base_dir"):
+        D.train_refiner(cfg, tmp_path / "cache", minutes=1, max_steps=4, export_dir=tmp_path / "x")
+
+
+def test_ship_default_puts_the_refiner_on_an_exported_cascade(tmp_path, capsys):
+    """ship_default --refiner-start T --base-dir DIR: DIR's stages as they are + the newest refiner
+    checkpoint, and refiner_start in the generation defaults; bad combinations are named."""
+    import runpy
+
+    from imagen_lite import presets
+    from imagen_lite.models.tiny import build_tiny_imagen
+
+    cascade = tmp_path / "cascade"
+    build_tiny_imagen(unshuffle_factor=2).save_pretrained(cascade, safe_serialization=True)
+    D.train_refiner(tiny_refiner_cfg(), tmp_path / "cache" / "imagen-refiner", minutes=10, resume=None, max_steps=2)
+    ship = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ship_default.py"), run_name="ship")
+    argv = ["--family", "imagen", "--steps", "4,2", "--guidance", "1,1", "--scheduler", "ddpm", "--cache",
+            str(tmp_path / "cache"), "--base-dir", str(cascade), "--out", str(tmp_path / "cand")]  # fmt: skip
+    ship["main"](argv + ["--refiner-start", "80"])
+    assert json.loads((tmp_path / "cand" / presets.DEFAULTS_FILE).read_text())["refiner_start"] == 80
+    assert D.read_training_state(tmp_path / "cand")["imagen-refiner"]["step"] == 2
+    base = load_file(str(next((cascade / "unet").glob("*.safetensors"))))
+    carried = load_file(str(next((tmp_path / "cand" / "unet").glob("*.safetensors"))))
+    assert all(torch.allclose(base[k].half().float(), carried[k].float()) for k in base)
+    pipe = imagen_lite.load_pipeline("imagen", model=str(tmp_path / "cand"), device="cpu", dtype="float32")
+    assert pipe.imagen_lite_preset.extra["refiner_start"] == 80
+    for bad, why in ((["--refiner-start", "301"], "--refiner-start 301 is above the timesteps the refiner was trained on"),
+                     (["--refiner-start", "0"], "--refiner-start 0: a timestep >= 1"),
+                     ([], "--base-dir is for --refiner-start")):
+        with pytest.raises(SystemExit) as exit_info:
+            ship["main"](argv + bad)
+        assert exit_info.value.code == 2 and why in capsys.readouterr().err
+    assert not list(tmp_path.glob(".ship-*"))  # a refused refiner leaves no half-written directory
+    with pytest.raises(SystemExit) as exit_info:
+        ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--refiner-start", "80"])
+    assert exit_info.value.code == 2 and "--refiner-start 80 applies to --family imagen only" in capsys.readouterr().err

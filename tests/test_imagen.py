@@ -101,7 +101,10 @@ def test_encode_once_then_free_text_encoder():
 def _count_calls(module):
     """A forward pre-hook that records the timestep of every call of ``module``."""
     seen = []
-    handle = module.register_forward_pre_hook(lambda m, args, kwargs: seen.append(int(args[1])), with_kwargs=True)
+    def record(m, args, kwargs):  # a timestep given as a scalar or one per row (the refiner's)
+        seen.append(int(args[1].flatten()[0]) if torch.is_tensor(args[1]) else int(args[1]))
+
+    handle = module.register_forward_pre_hook(record, with_kwargs=True)
     return seen, handle
 
 
@@ -234,6 +237,126 @@ def test_generate_takes_denoising_end_from_the_model_dir_and_the_cli(tiny_dir, t
     monkeypatch.setattr(imagen_lite.api, "generate", lambda *a, **k: got.update(k) or [Image.new("RGB", (8, 8))])
     main(["generate", "a red circle", "--model", str(model), "--denoising-end", "0.75", "--out", str(tmp_path / "o.png")])
     assert got.get("denoising_end") == 0.75
+
+
+# ---------------------------------------------------------------- the low-noise refiner
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+def test_x0_and_model_outputs_convert_both_ways(kind):
+    from imagen_lite import sampling
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    a = 0.7
+    xt = a**0.5 * x0 + (1 - a) ** 0.5 * noise
+    v = a**0.5 * noise - (1 - a) ** 0.5 * x0
+    output = {"epsilon": noise, "sample": x0, "v_prediction": v}[kind]  # what a perfect model of each kind says
+    assert torch.allclose(sampling.x0_from_prediction(output, xt, a, kind), x0, atol=1e-5)
+    assert torch.allclose(sampling.prediction_from_x0(x0, xt, a, kind), output, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction_type='flow' is not one of"):
+        sampling.x0_from_prediction(output, xt, a, "flow")
+
+
+def test_the_refiner_runs_the_base_steps_below_refiner_start_and_converts_its_v_to_the_base_output():
+    """refiner_start=T: the base UNet runs the steps at t >= T, the refiner (an unconditional
+    UNet2DModel predicting v) those below; its x0 estimate enters the base's scheduler as the base
+    UNet's own kind of output. 0 (the default) leaves the base alone, as a pipeline without one."""
+    from imagen_lite import sampling
+
+    pipe = _quiet(build_tiny_imagen(unshuffle_factor=2, with_refiner=True))
+    plain = _quiet(build_tiny_imagen(unshuffle_factor=2))
+    kw = dict(num_inference_steps=(10,), guidance_scale=(3.0,), output_type="pt", num_stages=1)
+    pipe.scheduler.set_timesteps(10)
+    full = [int(t) for t in pipe.scheduler.timesteps]
+    base_seen, h1 = _count_calls(pipe.unet)
+    refiner_seen, h2 = _count_calls(pipe.refiner)
+    try:
+        off = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+        assert base_seen == full and refiner_seen == []
+        assert torch.equal(off, plain("a red circle", generator=torch.Generator().manual_seed(0), **kw).images)
+        base_seen.clear()
+        on = pipe("a red circle", refiner_start=300, generator=torch.Generator().manual_seed(0), **kw).images
+        assert base_seen == [t for t in full if t >= 300] and refiner_seen == [t for t in full if t < 300]
+        assert not torch.allclose(on, off)
+    finally:
+        h1.remove(), h2.remove()
+    # the conversion: what _refine hands the base's scheduler is the v model's x0, as epsilon
+    x = torch.randn(2, 12, 8, 8, generator=torch.Generator().manual_seed(1))
+    a = pipe.scheduler.alphas_cumprod[100].item()
+    v = pipe.refiner(sampling.pixel_shuffle(x, 2), torch.tensor([100, 100])).sample
+    x0 = a**0.5 * sampling.pixel_shuffle(x, 2) - (1 - a) ** 0.5 * v
+    eps = pipe._refine(x, torch.tensor(100))
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert torch.allclose(sampling.pixel_shuffle((x - a**0.5 * sampling.pixel_unshuffle(x0, 2)) / (1 - a) ** 0.5, 2),
+                          sampling.pixel_shuffle(eps, 2), atol=1e-4)  # fmt: skip
+
+
+def test_bad_refiner_start_and_refiner_parts_are_named():
+    from diffusers import DDPMScheduler
+
+    from imagen_lite.models import components as C
+
+    pipe = _quiet(build_tiny_imagen(unshuffle_factor=2, with_refiner=True))
+    kw = dict(num_inference_steps=(4,), guidance_scale=1.0, num_stages=1)
+    for bad in (-1, 1.5, True, "80"):
+        with pytest.raises(ValueError, match="refiner_start=.* must be a timestep, an int >= 0"):
+            pipe("a red circle", refiner_start=bad, **kw)
+    with pytest.raises(ValueError, match="refiner_start=301 is above the timesteps this refiner was trained on: use 0 to 300"):
+        pipe("a red circle", refiner_start=301, **kw)
+    with pytest.raises(ValueError, match="refiner_start=80 needs a pipeline with a refiner; this one has none"):
+        _quiet(build_tiny_imagen())("a red circle", refiner_start=80, **kw)
+    parts = {k: v for k, v in pipe.components.items()}
+    with pytest.raises(ValueError, match="refiner needs refiner_scheduler"):
+        ImagenPipeline(**{**parts, "refiner_scheduler": None}, refiner_max_timestep=300)
+    linear = DDPMScheduler.from_config({**parts["refiner_scheduler"].config, "beta_schedule": "linear"})
+    with pytest.raises(ValueError, match="must have the base scheduler's noise schedule"):
+        ImagenPipeline(**{**parts, "refiner_scheduler": linear}, refiner_max_timestep=300)
+    with pytest.raises(ValueError, match="refiner_max_timestep=0: the timesteps the refiner was trained on"):
+        ImagenPipeline(**parts, refiner_max_timestep=0)
+    learned = build_tiny_imagen()  # its base learns its variance
+    with pytest.raises(ValueError, match="a refiner needs a base scheduler with fixed variance"):
+        ImagenPipeline(**{**learned.components, "refiner": C.refiner_unet(16), "refiner_scheduler": C.refiner_scheduler()},
+                       refiner_max_timestep=300)  # fmt: skip
+
+
+def test_a_pipeline_with_a_refiner_saves_and_loads_with_diffusers_classes(tmp_path):
+    from diffusers import UNet2DModel
+
+    pipe = _quiet(build_tiny_imagen(unshuffle_factor=2, with_refiner=True))
+    pipe.save_pretrained(tmp_path / "p", safe_serialization=True)
+    assert isinstance(UNet2DModel.from_pretrained(tmp_path / "p" / "refiner"), UNet2DModel)
+    back = _quiet(ImagenPipeline.from_pretrained(tmp_path / "p"))
+    assert back.config.refiner_max_timestep == 300 and back.refiner_scheduler.config.prediction_type == "v_prediction"
+    kw = dict(num_inference_steps=(6,), guidance_scale=1.0, output_type="pt", num_stages=1, refiner_start=200)
+    a = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    b = back("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_generate_takes_refiner_start_from_the_model_dir_and_the_cli(tmp_path, monkeypatch):
+    import json
+
+    from imagen_lite import presets
+
+    model = tmp_path / "with_refiner"
+    build_tiny_imagen(unshuffle_factor=2, with_refiner=True).save_pretrained(model, safe_serialization=True)
+    (model / presets.DEFAULTS_FILE).write_text(json.dumps({"num_inference_steps": [4, 2], "refiner_start": 300}))
+    pipe = imagen_lite.load_pipeline(model=str(model), device="cpu")
+    seen, h1 = _count_calls(pipe.refiner)
+    base_seen, h2 = _count_calls(pipe.unet)
+    try:
+        imagen_lite.generate("a red circle", model=str(model), device="cpu", seed=0, size=16)
+        assert seen and all(t < 300 for t in seen) and all(t >= 300 for t in base_seen) and len(seen + base_seen) == 4
+        seen.clear()
+        imagen_lite.generate("a red circle", model=str(model), device="cpu", seed=0, size=16, refiner_start=0)
+        assert seen == []
+    finally:
+        h1.remove(), h2.remove()
+    with pytest.raises(ValueError, match="refiner_start=80 applies to pipeline='imagen' only"):
+        imagen_lite.generate("a red circle", pipeline="dalle2", refiner_start=80)
+    got = {}
+    monkeypatch.setattr(imagen_lite.api, "generate", lambda *a, **k: got.update(k) or [Image.new("RGB", (8, 8))])
+    main(["generate", "a red circle", "--model", str(model), "--refiner-start", "120", "--out", str(tmp_path / "o.png")])
+    assert got.get("refiner_start") == 120
 
 
 def _record_batches(module):

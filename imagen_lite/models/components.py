@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
@@ -161,6 +161,36 @@ def ddpm_scheduler(prediction_type: str = "epsilon", variance_type: str = "fixed
     )
     config.update(overrides)
     return DDPMScheduler(**config)
+
+
+@dataclass
+class RefinerSize:
+    block_out_channels: tuple = (16, 32)
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+
+
+TINY_REFINER = RefinerSize()
+SMALL_REFINER = RefinerSize(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16)
+
+
+def refiner_unet(sample_size: int = 64, size: RefinerSize = TINY_REFINER) -> UNet2DModel:
+    """The Imagen base's low-noise refiner: an unconditional, full-resolution ``UNet2DModel``
+    (no attention, no text) that predicts v on the base's last steps (twentieth session,
+    ``ImagenPipeline``'s ``refiner``). Fully convolutional, so it runs at any side."""
+    n = len(size.block_out_channels)
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=3, out_channels=3,
+        block_out_channels=tuple(size.block_out_channels), layers_per_block=size.layers_per_block,
+        down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
+        norm_num_groups=size.norm_num_groups,
+    )  # fmt: skip
+
+
+def refiner_scheduler() -> DDPMScheduler:
+    """The refiner's scheduler: the base's cosine schedule (:func:`ddpm_scheduler`), predicting v.
+    The timesteps it was trained on are the pipeline's ``refiner_max_timestep``."""
+    return ddpm_scheduler(prediction_type="v_prediction")
 
 
 def noising_scheduler() -> DDPMScheduler:

@@ -50,8 +50,9 @@ from .speed import reuse_constant_inputs
 class ImagenPipeline(DiffusionPipeline):
     """T5 -> base 64px -> SR 256 (-> SR 1024). See the module docstring."""
 
-    model_cpu_offload_seq = "text_encoder->unet->sr_unet->sr_unet_2"
-    _optional_components = ["sr_unet", "sr_scheduler", "image_noising_scheduler", "sr_unet_2", "sr_scheduler_2"]
+    model_cpu_offload_seq = "text_encoder->unet->refiner->sr_unet->sr_unet_2"
+    _optional_components = ["sr_unet", "sr_scheduler", "image_noising_scheduler", "sr_unet_2", "sr_scheduler_2",
+                            "refiner", "refiner_scheduler"]  # fmt: skip
 
     def __init__(
         self,
@@ -64,13 +65,17 @@ class ImagenPipeline(DiffusionPipeline):
         image_noising_scheduler=None,
         sr_unet_2=None,
         sr_scheduler_2=None,
+        refiner=None,
+        refiner_scheduler=None,
         unshuffle_factor: int = 1,
         max_sequence_length: int = 77,
         sr_unshuffle_factor: int = 1,
         coord_channels: int = 0,
+        refiner_max_timestep: int = 0,
     ):
         super().__init__()
         check_coord_channels(coord_channels, unet, "the base UNet")
+        check_refiner(refiner, refiner_scheduler, scheduler, refiner_max_timestep)
         if sr_unet is not None and (sr_scheduler is None or image_noising_scheduler is None):
             raise ValueError("sr_unet needs both sr_scheduler and image_noising_scheduler")
         if sr_unet_2 is not None and (sr_unet is None or sr_scheduler_2 is None):
@@ -85,12 +90,15 @@ class ImagenPipeline(DiffusionPipeline):
             image_noising_scheduler=image_noising_scheduler,
             sr_unet_2=sr_unet_2,
             sr_scheduler_2=sr_scheduler_2,
+            refiner=refiner,
+            refiner_scheduler=refiner_scheduler,
         )
         self.register_to_config(
             unshuffle_factor=int(unshuffle_factor),
             max_sequence_length=int(max_sequence_length),
             sr_unshuffle_factor=int(sr_unshuffle_factor),
             coord_channels=int(coord_channels),
+            refiner_max_timestep=int(refiner_max_timestep) if refiner is not None else 0,
         )
 
     # ------------------------------------------------------------------ structure
@@ -142,6 +150,31 @@ class ImagenPipeline(DiffusionPipeline):
         embeds = self.text_encoder(inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device))[0]
         return embeds
 
+    # ------------------------------------------------------------------ refiner
+    def check_refiner_start(self, refiner_start) -> None:
+        """ValueError naming a ``refiner_start`` this pipeline cannot run."""
+        if isinstance(refiner_start, bool) or not isinstance(refiner_start, int) or refiner_start < 0:
+            raise ValueError(f"refiner_start={refiner_start!r} must be a timestep, an int >= 0 (0: no refiner)")
+        if refiner_start and self.refiner is None:
+            raise ValueError(f"refiner_start={refiner_start} needs a pipeline with a refiner; this one has none "
+                             f"(use refiner_start=0)")  # fmt: skip
+        if refiner_start > self.config.get("refiner_max_timestep", 0):
+            raise ValueError(f"refiner_start={refiner_start} is above the timesteps this refiner was trained on: "
+                             f"use 0 to {self.config.refiner_max_timestep}")  # fmt: skip
+
+    def _refine(self, model_input: torch.Tensor, t) -> torch.Tensor:
+        """The refiner's estimate of x0 at timestep ``t``, as the output the base UNet would give
+        (its scheduler's prediction type, its pixel patches). ``model_input`` is the base's
+        scaled input (variance preserving x_t), image channels only; CFG rows run alike."""
+        r, base_type = self.config.unshuffle_factor, self.scheduler.config.prediction_type
+        x = sampling.pixel_shuffle(model_input, r).to(self.refiner.dtype)
+        tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        a = self.refiner_scheduler.alphas_cumprod[int(t)].item()
+        out = self.refiner(x, tt, return_dict=False)[0]
+        x0 = sampling.x0_from_prediction(out, x, a, self.refiner_scheduler.config.prediction_type)
+        x0 = sampling.pixel_unshuffle(x0, r).to(model_input.dtype)
+        return sampling.prediction_from_x0(x0, model_input, a, base_type)
+
     # ------------------------------------------------------------------ call
     @inference_call
     def __call__(
@@ -154,6 +187,7 @@ class ImagenPipeline(DiffusionPipeline):
         noise_level: int = 250,
         sr_strength: float = 1.0,
         denoising_end: float = 1.0,
+        refiner_start: int = 0,
         num_stages: int | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
@@ -188,6 +222,9 @@ class ImagenPipeline(DiffusionPipeline):
                 ``denoising_end`` in diffusers' SDXL pipelines; below 1 the base returns its
                 x0 prediction at the last step it runs (``sampling.denoise``), where SDXL
                 returns the noisy latents for a refiner. 1 (the default): every step.
+            refiner_start: a timestep; the base steps at timesteps below it run on the
+                pipeline's ``refiner`` (the low-noise expert) instead of the base UNet. 0 (the
+                default): none. At most the ``refiner_max_timestep`` it was trained to.
             num_stages: run only the first N stages (default: all).
             generator: a seeded ``torch.Generator``; all noise is drawn from it in order.
             output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
@@ -220,6 +257,7 @@ class ImagenPipeline(DiffusionPipeline):
         if isinstance(sr_strength, bool) or not isinstance(sr_strength, (int, float)) or not 0.0 < sr_strength <= 1.0:
             raise ValueError(f"sr_strength={sr_strength!r} must be a number in (0, 1]")
         sampling.denoising_steps(steps[0], denoising_end)  # ValueError naming a bad value, before any work
+        self.check_refiner_start(refiner_start)
         for k, name in enumerate(stages[1:], start=1):
             if int(steps[k] * sr_strength) < 1:
                 raise ValueError(
@@ -272,6 +310,8 @@ class ImagenPipeline(DiffusionPipeline):
             context = text_context(cfg).to(unet.dtype)
 
             def model_fn(model_input, t, i):
+                if int(t) < refiner_start:
+                    return self._refine(model_input[:, : unet.config.in_channels - coords], t)
                 return unet(model_input, t, encoder_hidden_states=sampling.conditional_rows(context, model_input),
                             return_dict=False)[0]  # fmt: skip
 
@@ -338,6 +378,31 @@ class ImagenPipeline(DiffusionPipeline):
 
         # 5. Post-process
         return finish(self, image, output_type, return_dict, stage_outputs, seconds, return_stage_outputs)
+
+
+def check_refiner(refiner, refiner_scheduler, scheduler, max_timestep) -> None:
+    """A refiner (``UNet2DModel``, 3 image channels in and out) needs its scheduler, the base's
+    noise schedule and a base scheduler with fixed variance (the refiner predicts no variance)."""
+    if refiner is None:
+        return
+    if refiner_scheduler is None:
+        raise ValueError("refiner needs refiner_scheduler (its prediction type and noise schedule)")
+    if (refiner.config.in_channels, refiner.config.out_channels) != (3, 3):
+        raise ValueError(f"the refiner takes and returns RGB images (3 channels), not "
+                         f"{refiner.config.in_channels} -> {refiner.config.out_channels}")  # fmt: skip
+    a, b = refiner_scheduler.alphas_cumprod, scheduler.alphas_cumprod
+    if a.shape != b.shape or not torch.allclose(a, b, atol=1e-6):
+        raise ValueError("refiner_scheduler must have the base scheduler's noise schedule (alphas_cumprod): "
+                         "the refiner takes over the base's x_t")  # fmt: skip
+    if refiner_scheduler.config.prediction_type not in sampling.PREDICTION_TYPES:
+        raise ValueError(f"refiner_scheduler predicts {refiner_scheduler.config.prediction_type!r}; "
+                         f"one of {sampling.PREDICTION_TYPES} is needed")  # fmt: skip
+    if getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range"):
+        raise ValueError("a refiner needs a base scheduler with fixed variance; this base learns its variance")
+    n = scheduler.config.num_train_timesteps
+    if isinstance(max_timestep, bool) or not isinstance(max_timestep, int) or not 0 < max_timestep <= n:
+        raise ValueError(f"refiner_max_timestep={max_timestep!r}: the timesteps the refiner was trained on, "
+                         f"an int in (0, {n}]")  # fmt: skip
 
 
 # ---------------------------------------------------------------------- loading DeepFloyd IF

@@ -66,7 +66,7 @@ def lineage_name(stage: str, recipe: str) -> str:
     return stage if recipe == "v1" else f"{stage}-{recipe}"
 WARM_START_FILE = "warm_start.json"  # in a DALL-E 2 stage folder seeded by shipped weights: {step, from, cpu_hours}
 ARCHITECTURE_FIELDS = {"imagen-base": ("t5", "unet", "unshuffle_factor", "max_length", "coord_channels"),
-                       "imagen-sr": ("unet", "unshuffle_factor")}  # fmt: skip
+                       "imagen-sr": ("unet", "unshuffle_factor"), "imagen-refiner": ("size",)}  # fmt: skip
 
 
 def _read_json(path: Path) -> dict:
@@ -520,7 +520,8 @@ def run_loop(cfg, cache: Path, minutes: float, resume, model: torch.nn.Module, s
     every ``cfg.checkpoint_every`` and at the end -> evaluate every ``cfg.eval_every``.
 
     ``step_loss(step, gen) -> loss`` computes the stage's loss on the batch of ``step``;
-    ``evaluate_fn(ema_module) -> {guidance: result}`` scores the EMA weights.
+    ``evaluate_fn(ema_module) -> {guidance: result}`` scores the EMA weights (None: a stage
+    evaluated only with others, as the refiner).
     ``warm_start(model) -> (step, hours, source)``, used only when ``resume="latest"`` finds no
     checkpoint, loads shipped weights into ``model`` (the EMA starts from them too). Returns
     ``(ema, step, cpu_hours)``.
@@ -568,7 +569,7 @@ def run_loop(cfg, cache: Path, minutes: float, resume, model: torch.nn.Module, s
             t_last, losses = time.time(), []
         if step % cfg.checkpoint_every == 0:
             checkpoint()
-        if cfg.eval_every and step % cfg.eval_every == 0:
+        if cfg.eval_every and evaluate_fn is not None and step % cfg.eval_every == 0:
             te = time.time()
             for g, r in evaluate_fn(ema.module).items():
                 failures = [rec["failure"] for rec in r["records"] if rec.get("failure")]
@@ -926,6 +927,123 @@ def export_sr_checkpoint(cache: Path, base_dir: Path, out_dir: Path, checkpoint:
     text_dim = json.loads((Path(base_dir) / "text_encoder" / "config.json").read_text())["d_model"]
     cfg, unet, record = _checkpoint_ema(cache, checkpoint, SRRunConfig, lambda cfg: build_sr(cfg, text_dim))
     return export_cascade(base_dir, unet, cfg, out_dir, defaults, training_state={"imagen-sr": record})
+
+
+# ---------------------------------------------------------------------- low-noise refiner
+@dataclass
+class RefinerRunConfig:
+    """The Imagen base's low-noise refiner (twentieth session, docs/model_card.md): an
+    unconditional, full-resolution ``UNet2DModel`` that predicts v on t < ``max_timestep`` and
+    takes over the base's last steps (``ImagenPipeline(refiner=...)``, ``refiner_start``).
+
+    Why: the base predicts x0 through 4x4 patches and returns ragged square edges even from a
+    clean true render (``scripts/probe_square_edges.py``: 51 / 64 at t = 0); "shape wrong" is its
+    largest failure. v prediction is epsilon-like at low noise (x0 = sqrt(a) x_t - sqrt(1-a) v keeps
+    x_t's edges), and at t < 300 the layout and colours are already fixed, so no text is needed.
+    Its quality is measured with a base (the ship rule), so it has no evaluation of its own."""
+
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    max_timestep: int = 300  # trains on t in [0, max_timestep); the pipeline's refiner_max_timestep
+    bf16: bool = True
+    seed: int = 0
+    data_seed: int = 3
+    exclude_heldout: bool = True
+    size: dict = field(default_factory=lambda: asdict(C.SMALL_REFINER))
+    checkpoint_every: int = 200
+    eval_every: int = 0  # see the docstring: evaluated with a base, by the ship rule
+
+
+def build_refiner(cfg: RefinerRunConfig):
+    torch.manual_seed(cfg.seed)
+    return C.refiner_unet(64, C.RefinerSize(**cfg.size)), C.refiner_scheduler()
+
+
+def refiner_loss(cfg: RefinerRunConfig, unet, scheduler, x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """v-prediction MSE on ``x0`` (B, 3, 64, 64) noised to t uniform in [0, max_timestep)."""
+    b = x0.shape[0]
+    t = torch.randint(0, cfg.max_timestep, (b,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    xt = scheduler.add_noise(x0, noise, t)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else torch.autocast("cpu", enabled=False)
+    with ctx:
+        pred = unet(xt, t, return_dict=False)[0]
+    return F.mse_loss(pred.float(), scheduler.get_velocity(x0, noise, t))
+
+
+def check_refiner_config(cfg: RefinerRunConfig, n_train: int = 1000) -> None:
+    if isinstance(cfg.max_timestep, bool) or not isinstance(cfg.max_timestep, int) or not 0 < cfg.max_timestep <= n_train:
+        raise ValueError(f"max_timestep={cfg.max_timestep!r}: the refiner's timesteps [0, max), an int in (0, {n_train}]")
+
+
+def train_refiner(cfg: RefinerRunConfig, cache: Path, minutes: float, resume: str | None = "latest",
+                  export_dir: Path | None = None, max_steps: int | None = None, warm_start: Path | None = None,
+                  base_dir: Path | None = None) -> dict:
+    """Train the refiner for ``minutes`` (or ``max_steps``), checkpointing under ``cache``; with no
+    checkpoint there, start from the refiner of the exported cascade ``warm_start`` (if it has
+    one). ``export_dir`` gets ``base_dir`` (an Imagen pipeline directory) with the EMA refiner."""
+    check_refiner_config(cfg)
+    if export_dir is not None and base_dir is None:
+        raise ValueError("export_dir needs base_dir: the Imagen pipeline the refiner is exported with")
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    say = _logger(cache / "train.log")
+    unet, scheduler = build_refiner(cfg)
+    unet.train()
+    say(f"refiner: UNet2DModel {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params; config {json.dumps(asdict(cfg))}")
+    dataset = shapes.ShapesDataset(size=64, seed=cfg.data_seed, exclude_heldout=cfg.exclude_heldout)
+
+    def step_loss(step, gen):
+        x0 = torch.stack([dataset.example(step * cfg.batch_size + i)["pixel_values"] for i in range(cfg.batch_size)])
+        return refiner_loss(cfg, unet, scheduler, x0, gen)
+
+    def seed_from_shipped(m):
+        state = shipped_stage(warm_start, "imagen-refiner", cfg)
+        _load_fp16(m, Path(warm_start) / "refiner")
+        return state["step"], state["cpu_hours"], warm_start
+
+    has_refiner = warm_start is not None and "imagen-refiner" in read_training_state(warm_start)
+    ema, step, hours = run_loop(cfg, cache, minutes, resume, unet, step_loss, None, say, max_steps,
+                                seed_from_shipped if has_refiner else None)  # fmt: skip
+    if export_dir is not None:
+        export_with_refiner(base_dir, ema.module, cfg, export_dir,
+                            training_state={"imagen-refiner": stage_record(step, hours, cfg)})  # fmt: skip
+        say(f"exported {base_dir} + EMA refiner to {export_dir}")
+    return {"step": step, "cpu_hours": hours, "checkpoints": [str(p) for p in list_checkpoints(cache)]}
+
+
+def export_with_refiner(base_dir, refiner, cfg: RefinerRunConfig, out_dir, defaults: dict | None = None,
+                        training_state: dict | None = None) -> Path:
+    """An Imagen pipeline directory (every stage it has) + a refiner -> one directory (fp16
+    safetensors); its training state is the base directory's plus ``training_state``."""
+    import copy
+
+    from ..pipelines.imagen import ImagenPipeline
+    from ..presets import DEFAULTS_FILE, read_defaults
+
+    base = ImagenPipeline.from_pretrained(base_dir, **runtime.dtype_kwargs(torch.float16))
+    parts = {k: v for k, v in base.components.items() if k not in ("refiner", "refiner_scheduler")}
+    config = {k: base.config[k] for k in ("unshuffle_factor", "max_sequence_length", "sr_unshuffle_factor", "coord_channels")
+              if k in base.config}  # fmt: skip
+    pipe = ImagenPipeline(**parts, refiner=copy.deepcopy(refiner).half(), refiner_scheduler=C.refiner_scheduler(),
+                          refiner_max_timestep=cfg.max_timestep, **config)  # fmt: skip
+    defaults = defaults or read_defaults(base_dir)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    if defaults:
+        (out_dir / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    write_training_state(out_dir, {**read_training_state(base_dir), **(training_state or {})})
+    return out_dir
+
+
+def export_refiner_checkpoint(cache: Path, base_dir: Path, out_dir: Path, checkpoint: str = "latest",
+                              defaults: dict | None = None) -> Path:
+    """Export an Imagen pipeline dir + the EMA weights of a refiner checkpoint as one directory."""
+    cfg, unet, record = _checkpoint_ema(cache, checkpoint, RefinerRunConfig, lambda cfg: build_refiner(cfg)[0])
+    return export_with_refiner(base_dir, unet, cfg, out_dir, defaults, training_state={"imagen-refiner": record})
 
 
 # ---------------------------------------------------------------------- DALL-E 2 family
