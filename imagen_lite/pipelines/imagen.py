@@ -14,6 +14,14 @@ in diffusers): ``tokenizer``, ``text_encoder``, ``unet`` + ``scheduler`` (base),
 optionally ``sr_unet`` + ``sr_scheduler`` (64->256), ``sr_unet_2`` + ``sr_scheduler_2``
 (256->1024), with ``image_noising_scheduler`` for the augmentation. The UNets are plain
 diffusers ``UNet2DConditionModel``s, so DeepFloyd IF's stage I/II weights load unchanged.
+Optionally also ``refiner`` + ``refiner_scheduler``: a low-noise expert for the base (twentieth
+session; eDiff-I's expert denoisers, SDXL's base + refiner), an unconditional full-resolution
+``UNet2DModel`` whose scheduler has the base's noise schedule and its own prediction type (v for
+the embedded default). The call's ``refiner_start`` (a timestep) hands it the base's steps below
+it; its estimate of x0 is converted to the base UNet's kind of output
+(:func:`imagen_lite.sampling.prediction_from_x0`), so the base's scheduler runs unchanged. Why:
+the embedded base predicts x0 through 4x4 patches and returns ragged square edges even from a
+clean true render; a v-predicting refiner keeps x_t's edges at low noise (docs/model_card.md).
 
 Pipeline config (saved in ``model_index.json``):
 - ``unshuffle_factor``: the base UNet runs on ``r x r`` pixel patches (space-to-depth), e.g.
@@ -22,6 +30,8 @@ Pipeline config (saved in ``model_index.json``):
 - ``sr_unshuffle_factor``: the same for the super-resolution UNets (noisy image and
   conditioning image both unshuffled); IF uses 1.
 - ``max_sequence_length``: tokens given to T5 (IF trained with 77).
+- ``refiner_max_timestep``: the refiner trained on t in [0, this); ``refiner_start`` may not
+  exceed it. 0 without a refiner.
 - ``coord_channels``: 0 (IF) or 2: the base UNet's input carries, after the noisy image, an x
   and a y coordinate channel (:func:`imagen_lite.sampling.coordinate_grid`, CoordConv):
   convolutions and attention otherwise see absolute position only through the zero padding.
