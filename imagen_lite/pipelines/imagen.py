@@ -47,6 +47,7 @@ file reproduces diffusers' ``IFPipeline`` + ``IFSuperResolutionPipeline`` draw f
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 from diffusers import DiffusionPipeline
@@ -163,7 +164,7 @@ class ImagenPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ refiner
     def check_refiner_start(self, refiner_start) -> None:
         """ValueError naming a ``refiner_start`` this pipeline cannot run."""
-        if isinstance(refiner_start, bool) or not isinstance(refiner_start, int) or refiner_start < 0:
+        if isinstance(refiner_start, bool) or not isinstance(refiner_start, numbers.Integral) or refiner_start < 0:
             raise ValueError(f"refiner_start={refiner_start!r} must be a timestep, an int >= 0 (0: no refiner)")
         if refiner_start and self.refiner is None:
             raise ValueError(f"refiner_start={refiner_start} needs a pipeline with a refiner; this one has none "
@@ -268,6 +269,7 @@ class ImagenPipeline(DiffusionPipeline):
             raise ValueError(f"sr_strength={sr_strength!r} must be a number in (0, 1]")
         sampling.denoising_steps(steps[0], denoising_end)  # ValueError naming a bad value, before any work
         self.check_refiner_start(refiner_start)
+        refiner_start = int(refiner_start)
         for k, name in enumerate(stages[1:], start=1):
             if int(steps[k] * sr_strength) < 1:
                 raise ValueError(
@@ -335,7 +337,7 @@ class ImagenPipeline(DiffusionPipeline):
             return sampling.pixel_shuffle(x, r)  # (N, 3, 64, 64)
 
         with timed(seconds, "base"):
-            image = run_finite("base", run_base, [self.unet], generator)
+            image = run_finite("base", run_base, [self.unet, self.refiner if refiner_start else None], generator)
         stage_outputs["base"] = image
 
         # 4. Super-resolution stages: upsample + noise augmentation -> 256 (-> 1024)

@@ -143,7 +143,7 @@ def compile_models(pipe, names=None, **compile_kwargs) -> list[str]:
     ``names`` defaults to every UNet / prior the pipeline has. Compiled modules keep their
     ``config``/``dtype`` (``torch.compile`` wraps them) and are left out of
     :func:`reuse_constant_inputs`."""
-    default = ("unet", "sr_unet", "sr_unet_2", "prior", "decoder", "super_res_first", "super_res_last")
+    default = ("unet", "refiner", "sr_unet", "sr_unet_2", "prior", "decoder", "super_res_first", "super_res_last")
     done = []
     for name in names or default:
         module = getattr(pipe, name, None)
