@@ -107,3 +107,28 @@ def test_shipped_default_loads_offline_generates_and_scores_above_its_floor(monk
     exact_256 = np.mean([score_image(im, p) for im, p in zip(big, prompts)])
     hits_256 = np.mean([colour_hit(im, p) for im, p in zip(big, prompts)])
     assert exact_256 >= floor_exact and hits_256 >= floor_hits, f"{family} 256 px: exact {exact_256:.2f}, colour hits {hits_256:.2f}"
+
+
+def test_the_shipped_weights_stay_within_the_package_budget():
+    """Issue #10: "fp16 safetensors inside the package (total <= 40 MB)". Read as 40 MiB, the unit
+    ship_default.py and the README report in (decision, docs/model_card.md, "Twentieth session");
+    every weight file is float16 safetensors (but T5's feed-forward ``wo``, which transformers keeps
+    in float32: ``T5PreTrainedModel._keep_in_fp32_modules``)."""
+    import json
+
+    from safetensors import safe_open
+
+    root = Path(presets.DEFAULT_IMAGEN.components["dir"]).parent
+    files = [f for f in root.rglob("*") if f.is_file()]
+    if not any(f.suffix == ".safetensors" for f in files):
+        pytest.skip("no embedded default is installed in imagen_lite/weights/ yet")
+    total = sum(f.stat().st_size for f in files)
+    assert total <= 40 * 2**20, f"the shipped weights are {total / 2**20:.2f} MiB, over 40 MiB"
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), "pt") as st:
+                wide = [k for k in st.keys() if str(st.get_slice(k).get_dtype()) != "F16"]
+            assert all(k.endswith(".wo.weight") for k in wide), f"{f}: not float16: {wide}"
+        elif f.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            raise AssertionError(f"{f}: a pickle weight file in the package")
+    assert json.loads((root / "imagen" / "model_index.json").read_text())["_class_name"] == "ImagenPipeline"
