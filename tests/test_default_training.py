@@ -793,6 +793,33 @@ def test_probe_square_edges_scores_the_x0_prediction_of_true_renders(tmp_path, c
         probe["main"](["--model", str(tmp_path / "pipe"), "--timesteps", "0,1000"])
 
 
+def test_probe_square_edges_asks_the_refiner_with_refiner(tmp_path, capsys):
+    """--refiner: the refiner's x0 (its v through ImagenPipeline._refine) is scored. A v of 0 at
+    t = 0 gives x_t back (every true render right); a huge v gives a black canvas (none)."""
+    import runpy
+
+    from imagen_lite.models.tiny import build_tiny_imagen
+
+    probe = runpy.run_path(str(imagen_lite.__path__[0] + "/../scripts/probe_square_edges.py"))
+    pipe = build_tiny_imagen(unshuffle_factor=2, with_refiner=True)
+    for value, want in ((0.0, 4), (1e4, 0)):
+        pipe.refiner.forward = lambda x, t, return_dict=True, value=value: (torch.full_like(x, value),)
+        assert probe["returned_right"](pipe, "a blue square", 0, n=4, refiner=True) == (4, want)
+    model = tmp_path / "with_refiner"
+    build_tiny_imagen(unshuffle_factor=2, with_refiner=True).save_pretrained(model, safe_serialization=True)
+    rows = probe["main"](["--model", str(model), "--refiner", "--timesteps", "0,100", "--n", "2"])
+    assert set(rows) == {0, 100} and all(true == 8 for _, true in rows.values())
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the refiner trained on t < 300 only
+        probe["main"](["--model", str(model), "--refiner", "--timesteps", "300"])
+    assert "each must be in [0, 300) (the refiner's trained timesteps)" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    build_tiny_imagen(unshuffle_factor=2).save_pretrained(plain, safe_serialization=True)
+    with pytest.raises(SystemExit):
+        probe["main"](["--model", str(plain), "--refiner"])
+    assert "has no refiner" in capsys.readouterr().err
+
+
 def test_probe_dalle2_binding_runs_both_checks_on_the_shipped_default(capsys):
     """scripts/probe_dalle2_binding.py, a few prompts: the clip check is a share, the oracle
     counts every two-object / relation image once per conditioning."""
