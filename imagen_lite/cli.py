@@ -43,6 +43,15 @@ def _interval(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
 
+def _timesteps(text: str):
+    """``--refiner-start``: one timestep (every stage) or comma-separated, one per stage."""
+    try:
+        values = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a timestep such as 80, or one per stage such as 80,120") from None
+    return values[0] if len(values) == 1 else values
+
+
 def add_call_arguments(parser) -> None:
     """``--guidance-interval``, ``--sr-strength``, ``--denoising-end``, ``--refiner-start`` and ``--text-guidance`` for
     the commands that call ``generate()`` (generate, eval shapes)."""
@@ -54,9 +63,9 @@ def add_call_arguments(parser) -> None:
     parser.add_argument("--denoising-end", type=float, default=None,
                         help="imagen: the fraction of the base's steps to run, in (0, 1]; below 1 the base "
                              "returns its x0 prediction there (default: the model's)")  # fmt: skip
-    parser.add_argument("--refiner-start", type=int, default=None,
-                        help="imagen: the base's steps below this timestep run on the model's low-noise refiner; "
-                             "0: none (default: the model's)")  # fmt: skip
+    parser.add_argument("--refiner-start", type=_timesteps, default=None, metavar="T[,T...]",
+                        help="imagen: each stage's steps below this timestep (one, or one per stage) run on the "
+                             "model's low-noise refiner; 0: none (default: the model's)")  # fmt: skip
     parser.add_argument("--text-guidance", type=float, default=None, dest="text_guidance_scale",
                         help="dalle2: the decoder's caption-alone guidance s_t (three-branch guidance, "
                              "UnCLIPLitePipeline's text_guidance_scale; default: the model's)")  # fmt: skip

@@ -68,7 +68,8 @@ def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1", base
     cascade (e.g. the shipped one) to use as it is instead. With a ``refiner_start`` in
     ``defaults``, the newest refiner checkpoint (``train_default/imagen-refiner``) goes on top."""
     sr_cache = cache / lineage_name("imagen-sr", recipe)
-    refiner = defaults.get("refiner_start", 0) > 0
+    start = defaults.get("refiner_start", 0)
+    refiner = max(start if isinstance(start, list) else [start]) > 0
     with tempfile.TemporaryDirectory() as work:
         tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
         cascade = base_dir if base_dir is not None else Path(work) / "cascade" if refiner else tmp
@@ -86,12 +87,14 @@ def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1", base
     return swap_in(tmp, out)
 
 
-def check_refiner_start(directory: Path, refiner_start: int) -> None:
-    """ValueError (the directory removed) when the exported refiner cannot run ``refiner_start``."""
+def check_refiner_start(directory: Path, refiner_start) -> None:
+    """ValueError (the directory removed) when the exported refiner cannot run ``refiner_start``
+    (one timestep or one per stage)."""
     model_index = json.loads((directory / "model_index.json").read_text())
-    if refiner_start > model_index.get("refiner_max_timestep", 0):
+    top = max(refiner_start if isinstance(refiner_start, list) else [refiner_start])
+    if top > model_index.get("refiner_max_timestep", 0):
         shutil.rmtree(directory)
-        raise ValueError(f"--refiner-start {refiner_start} is above the timesteps the refiner was trained on "
+        raise ValueError(f"--refiner-start {top} is above the timesteps the refiner was trained on "
                          f"(0 to {model_index.get('refiner_max_timestep', 0)})")  # fmt: skip
 
 
@@ -118,9 +121,9 @@ def main(argv=None):
     p.add_argument("--denoising-end", type=float, default=None,
                    help="imagen: the fraction of the base's steps to run, (0, 1]; below 1 the base returns its x0 "
                         "prediction there (default: unset, every step)")  # fmt: skip
-    p.add_argument("--refiner-start", type=int, default=None,
-                   help="imagen: add the newest refiner checkpoint (train_default/imagen-refiner); the base's steps "
-                        "below this timestep run on it (default: no refiner)")  # fmt: skip
+    p.add_argument("--refiner-start", default=None, metavar="T[,T...]",
+                   help="imagen: add the newest refiner checkpoint (train_default/imagen-refiner); each stage's steps "
+                        "below this timestep (one per stage: base,sr) run on it (default: no refiner)")  # fmt: skip
     p.add_argument("--base-dir", type=Path, default=None,
                    help="imagen, with --refiner-start: put the refiner on this exported cascade (e.g. the shipped "
                         "imagen_lite/weights/imagen) instead of exporting the base and SR from the cache")  # fmt: skip
@@ -159,10 +162,15 @@ def main(argv=None):
         defaults["denoising_end"] = args.denoising_end
     if args.refiner_start is not None:
         if args.family != "imagen":
-            p.error(f"--refiner-start {args.refiner_start} applies to --family imagen only (its base stage)")
-        if args.refiner_start < 1:
-            p.error(f"--refiner-start {args.refiner_start}: a timestep >= 1 (leave it out for no refiner)")
-        defaults["refiner_start"] = args.refiner_start
+            p.error(f"--refiner-start {args.refiner_start} applies to --family imagen only (its base and SR stages)")
+        try:
+            starts = numbers(args.refiner_start, int)
+        except ValueError:
+            p.error(f"--refiner-start {args.refiner_start}: timesteps, one or one per stage (base,sr), such as 80,120")
+        if min(starts) < 0 or max(starts) < 1 or len(starts) > len(defaults["num_inference_steps"]):
+            p.error(f"--refiner-start {args.refiner_start}: timesteps >= 0, at least one >= 1, at most one per stage "
+                    f"(leave it out for no refiner)")  # fmt: skip
+        defaults["refiner_start"] = starts[0] if len(starts) == 1 else starts
     if args.base_dir is not None and args.refiner_start is None:
         p.error("--base-dir is for --refiner-start (a refiner put on an exported cascade); "
                 "to change only the generation defaults use --defaults-only")  # fmt: skip

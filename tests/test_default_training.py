@@ -861,7 +861,7 @@ def test_the_refiner_trains_resumes_and_exports_onto_a_cascade(tmp_path):
     assert json.loads((tmp_path / "out" / presets.DEFAULTS_FILE).read_text()) == {"num_inference_steps": [4, 2]}
     pipe = imagen_lite.load_pipeline("imagen", model=str(tmp_path / "out"), device="cpu", dtype="float32")
     assert pipe.config.refiner_max_timestep == 200 and pipe.refiner.dtype == torch.float32
-    out = pipe(["a red circle"], num_inference_steps=(4, 2), refiner_start=200, output_type="np",
+    out = pipe(["a red circle"], num_inference_steps=(4, 2), refiner_start=(200, 0), output_type="np",
                generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert out.images.shape[1:3] == (32, 32)
     with pytest.raises(ValueError, match="max_timestep=0: the refiner's timesteps"):
@@ -884,6 +884,8 @@ def test_ship_default_puts_the_refiner_on_an_exported_cascade(tmp_path, capsys):
     ship = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ship_default.py"), run_name="ship")
     argv = ["--family", "imagen", "--steps", "4,2", "--guidance", "1,1", "--scheduler", "ddpm", "--cache",
             str(tmp_path / "cache"), "--base-dir", str(cascade), "--out", str(tmp_path / "cand")]  # fmt: skip
+    ship["main"](argv + ["--refiner-start", "80,120"])  # one per stage: base, SR
+    assert json.loads((tmp_path / "cand" / presets.DEFAULTS_FILE).read_text())["refiner_start"] == [80, 120]
     ship["main"](argv + ["--refiner-start", "80"])
     assert json.loads((tmp_path / "cand" / presets.DEFAULTS_FILE).read_text())["refiner_start"] == 80
     assert D.read_training_state(tmp_path / "cand")["imagen-refiner"]["step"] == 2
@@ -893,7 +895,9 @@ def test_ship_default_puts_the_refiner_on_an_exported_cascade(tmp_path, capsys):
     pipe = imagen_lite.load_pipeline("imagen", model=str(tmp_path / "cand"), device="cpu", dtype="float32")
     assert pipe.imagen_lite_preset.extra["refiner_start"] == 80
     for bad, why in ((["--refiner-start", "301"], "--refiner-start 301 is above the timesteps the refiner was trained on"),
-                     (["--refiner-start", "0"], "--refiner-start 0: a timestep >= 1"),
+                     (["--refiner-start", "0"], "--refiner-start 0: timesteps >= 0, at least one >= 1"),
+                     (["--refiner-start", "80,80,80"], "at most one per stage"),
+                     (["--refiner-start", "eighty"], "--refiner-start eighty: timesteps, one or one per stage"),
                      ([], "--base-dir is for --refiner-start")):
         with pytest.raises(SystemExit) as exit_info:
             ship["main"](argv + bad)

@@ -290,6 +290,36 @@ def test_the_refiner_runs_the_base_steps_below_refiner_start_and_converts_its_v_
                           sampling.pixel_shuffle(eps, 2), atol=1e-4)  # fmt: skip
 
 
+def test_the_refiner_runs_the_sr_steps_below_that_stages_refiner_start():
+    """refiner_start per stage: (0, T) leaves the base alone and hands the SR stage its steps below
+    T, at the SR's resolution; one value applies to every stage."""
+    pipe = _quiet(build_tiny_imagen(unshuffle_factor=2, with_refiner=True))
+    kw = dict(num_inference_steps=(4, 10), guidance_scale=1.0, output_type="pt")
+    pipe.sr_scheduler.set_timesteps(10)
+    sr_full = [int(t) for t in pipe.sr_scheduler.timesteps]
+    refiner_seen, h1 = _count_calls(pipe.refiner)
+    sr_seen, h2 = _count_calls(pipe.sr_unet)
+    sizes, h3 = _record_sides(pipe.refiner)
+    try:
+        off = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+        on = pipe("a red circle", refiner_start=(0, 300), generator=torch.Generator().manual_seed(0), **kw).images
+        assert refiner_seen == [t for t in sr_full if t < 300] and set(sizes) == {32}
+        assert sr_seen == sr_full + [t for t in sr_full if t >= 300]
+        assert not torch.allclose(on, off)
+        refiner_seen.clear(), sizes.clear()
+        pipe("a red circle", refiner_start=300, generator=torch.Generator().manual_seed(0), **kw)
+        assert set(sizes) == {16, 32}  # one value: the base (16 px) and the SR (32 px)
+    finally:
+        h1.remove(), h2.remove(), h3.remove()
+
+
+def _record_sides(module):
+    """A forward pre-hook that records the spatial side of every input of ``module``."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].shape[-1]), with_kwargs=True)
+    return seen, handle
+
+
 def test_bad_refiner_start_and_refiner_parts_are_named():
     from diffusers import DDPMScheduler
 
@@ -298,12 +328,24 @@ def test_bad_refiner_start_and_refiner_parts_are_named():
     pipe = _quiet(build_tiny_imagen(unshuffle_factor=2, with_refiner=True))
     kw = dict(num_inference_steps=(4,), guidance_scale=1.0, num_stages=1)
     for bad in (-1, 1.5, True, "80"):
-        with pytest.raises(ValueError, match="refiner_start=.* must be a timestep, an int >= 0"):
+        with pytest.raises(ValueError, match="refiner_start for stage 'base' is .*; it must be a timestep, an integer >= 0"):
             pipe("a red circle", refiner_start=bad, **kw)
-    with pytest.raises(ValueError, match="refiner_start=301 is above the timesteps this refiner was trained on: use 0 to 300"):
+    with pytest.raises(ValueError, match="refiner_start for stage 'base' is 301, above the timesteps this refiner was "
+                                         "trained on: use 0 to 300"):  # fmt: skip
         pipe("a red circle", refiner_start=301, **kw)
+    with pytest.raises(ValueError, match="refiner_start for stage 'sr_32' is 400, above"):
+        pipe("a red circle", refiner_start=(80, 400), num_inference_steps=(4, 2), guidance_scale=1.0)
+    with pytest.raises(ValueError, match="refiner_start=\(80, 80, 80\) gives 3 values but this model has 2 stage"):
+        pipe("a red circle", refiner_start=(80, 80, 80), num_inference_steps=(4, 2), guidance_scale=1.0)
     with pytest.raises(ValueError, match="refiner_start=80 needs a pipeline with a refiner; this one has none"):
         _quiet(build_tiny_imagen())("a red circle", refiner_start=80, **kw)
+    learned_sr = _quiet(build_tiny_imagen(unshuffle_factor=2))  # its SR learns its variance
+    learned_sr = ImagenPipeline(**{**learned_sr.components, "refiner": C.refiner_unet(16),
+                                   "refiner_scheduler": C.refiner_scheduler()}, unshuffle_factor=2, refiner_max_timestep=300)  # fmt: skip
+    with pytest.raises(ValueError, match="a refiner needs a sr_32 scheduler with fixed variance"):
+        learned_sr("a red circle", refiner_start=(80, 80), num_inference_steps=(4, 2), guidance_scale=1.0)
+    learned_sr.set_progress_bar_config(disable=True)
+    assert learned_sr("a red circle", refiner_start=(80, 0), num_inference_steps=(4, 2), guidance_scale=1.0).images
     parts = {k: v for k, v in pipe.components.items()}
     with pytest.raises(ValueError, match="refiner needs refiner_scheduler"):
         ImagenPipeline(**{**parts, "refiner_scheduler": None}, refiner_max_timestep=300)
@@ -357,6 +399,10 @@ def test_generate_takes_refiner_start_from_the_model_dir_and_the_cli(tmp_path, m
     monkeypatch.setattr(imagen_lite.api, "generate", lambda *a, **k: got.update(k) or [Image.new("RGB", (8, 8))])
     main(["generate", "a red circle", "--model", str(model), "--refiner-start", "120", "--out", str(tmp_path / "o.png")])
     assert got.get("refiner_start") == 120
+    main(["generate", "a red circle", "--model", str(model), "--refiner-start", "80,120", "--out", str(tmp_path / "o.png")])
+    assert got.get("refiner_start") == (80, 120)
+    with pytest.raises(SystemExit):
+        main(["generate", "a red circle", "--model", str(model), "--refiner-start", "soon", "--out", str(tmp_path / "o.png")])
 
 
 def _record_batches(module):

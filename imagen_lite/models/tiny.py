@@ -12,8 +12,8 @@ TINY_WORDS = "a an red green blue yellow purple orange small large circle square
 
 def build_tiny_imagen(seed: int = 0, with_sr: bool = True, unshuffle_factor: int = 1, with_refiner: bool = False):
     """A tiny random ImagenPipeline (16px base -> 32px SR), built without touching the global RNG.
-    ``with_refiner``: a low-noise refiner trained (notionally) on t < 300; the base then has a
-    fixed variance (a refiner predicts none)."""
+    ``with_refiner``: a low-noise refiner trained (notionally) on t < 300; the base and SR then
+    have a fixed variance (a refiner predicts none)."""
     from ..pipelines.imagen import ImagenPipeline
 
     with torch.random.fork_rng(devices=[]):
@@ -32,9 +32,9 @@ def build_tiny_imagen(seed: int = 0, with_sr: bool = True, unshuffle_factor: int
             parts.update(refiner=C.refiner_unet(16).eval(), refiner_scheduler=C.refiner_scheduler())
         if with_sr:
             parts.update(
-                sr_unet=C.if_unet(sample_size=32, in_channels=6, out_channels=6, text_dim=32, size=C.TINY_SR,
-                                  super_resolution=True),
-                sr_scheduler=C.ddpm_scheduler(variance_type="learned_range"),
+                sr_unet=C.if_unet(sample_size=32, in_channels=6, out_channels=3 if with_refiner else 6, text_dim=32,
+                                  size=C.TINY_SR, super_resolution=True),
+                sr_scheduler=C.ddpm_scheduler(variance_type="fixed_small" if with_refiner else "learned_range"),
                 image_noising_scheduler=C.noising_scheduler(),
             )  # fmt: skip
         return ImagenPipeline(**parts, unshuffle_factor=r, max_sequence_length=16,

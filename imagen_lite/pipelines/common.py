@@ -53,7 +53,7 @@ def is_guidance_scale(v) -> bool:
 def per_stage(value, stages: Sequence[str], name: str, *, kind: str, model_stages: Sequence[str] | None = None) -> tuple:
     """Expand one value or a tuple (one per stage) into a tuple of ``len(stages)`` checked values.
 
-    ``kind="steps"``: positive ints. ``kind="guidance"``: floats >= 0. A tuple shorter than
+    ``kind="steps"``: positive ints. ``kind="guidance"``: floats >= 0. ``kind="timestep"``: ints >= 0. A tuple shorter than
     ``stages`` is an error (it would leave a stage undefined); a longer one is allowed up to
     ``model_stages`` (all the model's stages, when given), so a 2-stage tuple serves a call that
     runs only the base, while a 3-stage tuple for a 2-stage cascade is an error, not cut.
@@ -62,9 +62,11 @@ def per_stage(value, stages: Sequence[str], name: str, *, kind: str, model_stage
     _check_count(value, len(values), stages, model_stages, name, "value")
     out = []
     for stage, v in zip(stages, values):
-        if kind == "steps":
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} for stage {stage!r} is {v!r}; it must be a positive integer")
+        if kind in ("steps", "timestep"):
+            low = 1 if kind == "steps" else 0
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                what = "a positive integer" if kind == "steps" else "a timestep, an integer >= 0"
+                raise ValueError(f"{name} for stage {stage!r} is {v!r}; it must be {what}")
             out.append(int(v))
         else:
             if not is_guidance_scale(v):

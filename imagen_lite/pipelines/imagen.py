@@ -17,11 +17,13 @@ diffusers ``UNet2DConditionModel``s, so DeepFloyd IF's stage I/II weights load u
 Optionally also ``refiner`` + ``refiner_scheduler``: a low-noise expert for the base (twentieth
 session; eDiff-I's expert denoisers, SDXL's base + refiner), an unconditional full-resolution
 ``UNet2DModel`` whose scheduler has the base's noise schedule and its own prediction type (v for
-the embedded default). The call's ``refiner_start`` (a timestep) hands it the base's steps below
-it; its estimate of x0 is converted to the base UNet's kind of output
-(:func:`imagen_lite.sampling.prediction_from_x0`), so the base's scheduler runs unchanged. Why:
+the embedded default). The call's ``refiner_start`` (a timestep, one value or one per stage) hands
+it each stage's steps below it, at that stage's resolution (it is fully convolutional); its
+estimate of x0 is converted to that stage's UNet's kind of output
+(:func:`imagen_lite.sampling.prediction_from_x0`), so the stage's scheduler runs unchanged. Why:
 the embedded base predicts x0 through 4x4 patches and returns ragged square edges even from a
-clean true render; a v-predicting refiner keeps x_t's edges at low noise (docs/model_card.md).
+clean true render, and its SR brings them back at 256 px; a v-predicting refiner keeps x_t's
+edges at low noise (docs/model_card.md).
 
 Pipeline config (saved in ``model_index.json``):
 - ``unshuffle_factor``: the base UNet runs on ``r x r`` pixel patches (space-to-depth), e.g.
@@ -47,7 +49,6 @@ file reproduces diffusers' ``IFPipeline`` + ``IFSuperResolutionPipeline`` draw f
 from __future__ import annotations
 
 import functools
-import numbers
 
 import torch
 from diffusers import DiffusionPipeline
@@ -162,22 +163,30 @@ class ImagenPipeline(DiffusionPipeline):
         return embeds
 
     # ------------------------------------------------------------------ refiner
-    def check_refiner_start(self, refiner_start) -> None:
-        """ValueError naming a ``refiner_start`` this pipeline cannot run."""
-        if isinstance(refiner_start, bool) or not isinstance(refiner_start, numbers.Integral) or refiner_start < 0:
-            raise ValueError(f"refiner_start={refiner_start!r} must be a timestep, an int >= 0 (0: no refiner)")
-        if refiner_start and self.refiner is None:
-            raise ValueError(f"refiner_start={refiner_start} needs a pipeline with a refiner; this one has none "
-                             f"(use refiner_start=0)")  # fmt: skip
-        if refiner_start > self.config.get("refiner_max_timestep", 0):
-            raise ValueError(f"refiner_start={refiner_start} is above the timesteps this refiner was trained on: "
-                             f"use 0 to {self.config.refiner_max_timestep}")  # fmt: skip
+    def check_refiner_start(self, refiner_start, stages=None) -> tuple[int, ...]:
+        """``refiner_start`` (one timestep, or one per stage) as a tuple for ``stages`` (default:
+        all); ValueError naming a value this pipeline cannot run."""
+        stages = stages or self.stage_names
+        starts = per_stage(refiner_start, stages, "refiner_start", kind="timestep", model_stages=self.stage_names)
+        schedulers = dict(zip(self.stage_names, (self.scheduler, self.sr_scheduler, self.sr_scheduler_2)))
+        for stage, start in zip(stages, starts):
+            if start and self.refiner is None:
+                raise ValueError(f"refiner_start={refiner_start!r} needs a pipeline with a refiner; this one has none "
+                                 f"(use refiner_start=0)")  # fmt: skip
+            if start > self.config.get("refiner_max_timestep", 0):
+                raise ValueError(f"refiner_start for stage {stage!r} is {start}, above the timesteps this refiner was "
+                                 f"trained on: use 0 to {self.config.refiner_max_timestep}")  # fmt: skip
+            if start:
+                check_refiner(self.refiner, self.refiner_scheduler, schedulers[stage], self.config.refiner_max_timestep, stage)
+        return starts
 
-    def _refine(self, model_input: torch.Tensor, t) -> torch.Tensor:
-        """The refiner's estimate of x0 at timestep ``t``, as the output the base UNet would give
-        (its scheduler's prediction type, its pixel patches). ``model_input`` is the base's
-        scaled input (variance preserving x_t), image channels only; CFG rows run alike."""
-        r, base_type = self.config.unshuffle_factor, self.scheduler.config.prediction_type
+    def _refine(self, model_input: torch.Tensor, t, factor: int | None = None, prediction_type: str | None = None) -> torch.Tensor:
+        """The refiner's estimate of x0 at timestep ``t``, as the output a stage's UNet would give:
+        ``prediction_type`` (default: the base scheduler's) on ``factor`` x ``factor`` pixel
+        patches (default: the base's ``unshuffle_factor``). ``model_input`` is the stage's scaled
+        input (variance preserving x_t), its noisy image channels only; CFG rows run alike."""
+        r = self.config.unshuffle_factor if factor is None else factor
+        base_type = prediction_type or self.scheduler.config.prediction_type
         x = sampling.pixel_shuffle(model_input, r).to(self.refiner.dtype)
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         a = self.refiner_scheduler.alphas_cumprod[int(t)].item()
@@ -233,9 +242,10 @@ class ImagenPipeline(DiffusionPipeline):
                 ``denoising_end`` in diffusers' SDXL pipelines; below 1 the base returns its
                 x0 prediction at the last step it runs (``sampling.denoise``), where SDXL
                 returns the noisy latents for a refiner. 1 (the default): every step.
-            refiner_start: a timestep; the base steps at timesteps below it run on the
-                pipeline's ``refiner`` (the low-noise expert) instead of the base UNet. 0 (the
-                default): none. At most the ``refiner_max_timestep`` it was trained to.
+            refiner_start: a timestep, or one per stage: the stage's steps at timesteps below it
+                run on the pipeline's ``refiner`` (the low-noise expert) instead of the stage's
+                UNet, at that stage's resolution. 0 (the default): none. At most the
+                ``refiner_max_timestep`` it was trained to.
             num_stages: run only the first N stages (default: all).
             generator: a seeded ``torch.Generator``; all noise is drawn from it in order.
             output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
@@ -268,8 +278,7 @@ class ImagenPipeline(DiffusionPipeline):
         if isinstance(sr_strength, bool) or not isinstance(sr_strength, (int, float)) or not 0.0 < sr_strength <= 1.0:
             raise ValueError(f"sr_strength={sr_strength!r} must be a number in (0, 1]")
         sampling.denoising_steps(steps[0], denoising_end)  # ValueError naming a bad value, before any work
-        self.check_refiner_start(refiner_start)
-        refiner_start = int(refiner_start)
+        refiner_starts = self.check_refiner_start(refiner_start, stages)
         for k, name in enumerate(stages[1:], start=1):
             if int(steps[k] * sr_strength) < 1:
                 raise ValueError(
@@ -322,7 +331,7 @@ class ImagenPipeline(DiffusionPipeline):
             context = text_context(cfg).to(unet.dtype)
 
             def model_fn(model_input, t, i):
-                if int(t) < refiner_start:
+                if int(t) < refiner_starts[0]:
                     return self._refine(model_input[:, : unet.config.in_channels - coords], t)
                 return unet(model_input, t, encoder_hidden_states=sampling.conditional_rows(context, model_input),
                             return_dict=False)[0]  # fmt: skip
@@ -337,7 +346,7 @@ class ImagenPipeline(DiffusionPipeline):
             return sampling.pixel_shuffle(x, r)  # (N, 3, 64, 64)
 
         with timed(seconds, "base"):
-            image = run_finite("base", run_base, [self.unet, self.refiner if refiner_start else None], generator)
+            image = run_finite("base", run_base, [self.unet, self.refiner if refiner_starts[0] else None], generator)
         stage_outputs["base"] = image
 
         # 4. Super-resolution stages: upsample + noise augmentation -> 256 (-> 1024)
@@ -371,6 +380,8 @@ class ImagenPipeline(DiffusionPipeline):
                 context = text_context(cfg).to(unet.dtype)
 
                 def model_fn(model_input, t, i):
+                    if int(t) < refiner_starts[k]:
+                        return self._refine(model_input[:, :channels], t, s, scheduler.config.prediction_type)
                     rows = functools.partial(sampling.conditional_rows, model_input=model_input)
                     return unet(model_input, t, encoder_hidden_states=rows(context), class_labels=rows(labels), return_dict=False)[0]
 
@@ -385,16 +396,17 @@ class ImagenPipeline(DiffusionPipeline):
                 return sampling.pixel_shuffle(x, s)  # (N, 3, side*s, side*s)
 
             with timed(seconds, name):
-                image = run_finite(name, run_sr, [unet], generator)
+                image = run_finite(name, run_sr, [unet, self.refiner if refiner_starts[k] else None], generator)
             stage_outputs[name] = image
 
         # 5. Post-process
         return finish(self, image, output_type, return_dict, stage_outputs, seconds, return_stage_outputs)
 
 
-def check_refiner(refiner, refiner_scheduler, scheduler, max_timestep) -> None:
-    """A refiner (``UNet2DModel``, 3 image channels in and out) needs its scheduler, the base's
-    noise schedule and a base scheduler with fixed variance (the refiner predicts no variance)."""
+def check_refiner(refiner, refiner_scheduler, scheduler, max_timestep, stage: str = "base") -> None:
+    """A refiner (``UNet2DModel``, 3 image channels in and out) needs its scheduler, the noise
+    schedule of the stage it runs in (``scheduler``) and a stage scheduler with fixed variance
+    (the refiner predicts no variance)."""
     if refiner is None:
         return
     if refiner_scheduler is None:
@@ -404,13 +416,13 @@ def check_refiner(refiner, refiner_scheduler, scheduler, max_timestep) -> None:
                          f"{refiner.config.in_channels} -> {refiner.config.out_channels}")  # fmt: skip
     a, b = refiner_scheduler.alphas_cumprod, scheduler.alphas_cumprod
     if a.shape != b.shape or not torch.allclose(a, b, atol=1e-6):
-        raise ValueError("refiner_scheduler must have the base scheduler's noise schedule (alphas_cumprod): "
-                         "the refiner takes over the base's x_t")  # fmt: skip
+        raise ValueError(f"refiner_scheduler must have the {stage} scheduler's noise schedule (alphas_cumprod): "
+                         f"the refiner takes over that stage's x_t")  # fmt: skip
     if refiner_scheduler.config.prediction_type not in sampling.PREDICTION_TYPES:
         raise ValueError(f"refiner_scheduler predicts {refiner_scheduler.config.prediction_type!r}; "
                          f"one of {sampling.PREDICTION_TYPES} is needed")  # fmt: skip
     if getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range"):
-        raise ValueError("a refiner needs a base scheduler with fixed variance; this base learns its variance")
+        raise ValueError(f"a refiner needs a {stage} scheduler with fixed variance; this {stage} learns its variance")
     n = scheduler.config.num_train_timesteps
     if isinstance(max_timestep, bool) or not isinstance(max_timestep, int) or not 0 < max_timestep <= n:
         raise ValueError(f"refiner_max_timestep={max_timestep!r}: the timesteps the refiner was trained on, "
