@@ -864,6 +864,9 @@ def test_the_refiner_trains_resumes_and_exports_onto_a_cascade(tmp_path):
     out = pipe(["a red circle"], num_inference_steps=(4, 2), refiner_start=(200, 0), output_type="np",
                generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert out.images.shape[1:3] == (32, 32)
+    D.export_cascade(tmp_path / "out", D.build_sr(tiny_sr_cfg(), 32), tiny_sr_cfg(), tmp_path / "with_sr")
+    assert json.loads((tmp_path / "with_sr" / "model_index.json").read_text())["refiner_max_timestep"] == 200
+    assert (tmp_path / "with_sr" / "refiner").is_dir()  # an SR exported onto it keeps the refiner
     with pytest.raises(ValueError, match="max_timestep=0: the refiner's timesteps"):
         D.train_refiner(tiny_refiner_cfg(max_timestep=0), tmp_path / "bad", minutes=1, max_steps=1)
     with pytest.raises(ValueError, match="export_dir needs base_dir"):

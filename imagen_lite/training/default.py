@@ -828,6 +828,21 @@ def train_sr(cfg: SRRunConfig, base_dir: Path, cache: Path, minutes: float, resu
     return {"step": step, "cpu_hours": hours, "checkpoints": [str(p) for p in list_checkpoints(cache)]}
 
 
+def save_on_top_of(pipe, base_dir, out_dir, defaults: dict | None = None, training_state: dict | None = None) -> Path:
+    """Save ``pipe`` (built from ``base_dir``'s components plus a new stage) to ``out_dir`` with
+    ``base_dir``'s generation defaults (unless ``defaults``) and its training state plus
+    ``training_state``."""
+    from ..presets import DEFAULTS_FILE, read_defaults
+
+    defaults = defaults or read_defaults(base_dir)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    if defaults:
+        (out_dir / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    write_training_state(out_dir, {**read_training_state(base_dir), **(training_state or {})})
+    return out_dir
+
+
 def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict | None = None,
                    training_state: dict | None = None):
     """base pipeline dir + trained SR UNet -> one ImagenPipeline directory (fp16 safetensors);
@@ -835,7 +850,6 @@ def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict 
     import copy
 
     from ..pipelines.imagen import ImagenPipeline
-    from ..presets import DEFAULTS_FILE, read_defaults
 
     from diffusers import DDIMScheduler
 
@@ -848,14 +862,10 @@ def export_cascade(base_dir, sr_unet, cfg: SRRunConfig, out_dir, defaults: dict 
         image_noising_scheduler=C.noising_scheduler(), unshuffle_factor=base.config.unshuffle_factor,
         max_sequence_length=base.config.max_sequence_length, sr_unshuffle_factor=cfg.unshuffle_factor,
         coord_channels=base.config.get("coord_channels", 0),
+        refiner=base.refiner, refiner_scheduler=base.refiner_scheduler,  # a refiner the base directory has stays
+        refiner_max_timestep=base.config.get("refiner_max_timestep", 0),
     )  # fmt: skip
-    defaults = defaults or read_defaults(base_dir)
-    out_dir = Path(out_dir)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    if defaults:
-        (out_dir / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
-    write_training_state(out_dir, {**read_training_state(base_dir), **(training_state or {})})
-    return out_dir
+    return save_on_top_of(pipe, base_dir, out_dir, defaults, training_state)
 
 
 def export_cascade_carrying_sr(base_dir, sr_source, out_dir, defaults: dict | None = None):
@@ -1022,7 +1032,6 @@ def export_with_refiner(base_dir, refiner, cfg: RefinerRunConfig, out_dir, defau
     import copy
 
     from ..pipelines.imagen import ImagenPipeline
-    from ..presets import DEFAULTS_FILE, read_defaults
 
     base = ImagenPipeline.from_pretrained(base_dir, **runtime.dtype_kwargs(torch.float16))
     parts = {k: v for k, v in base.components.items() if k not in ("refiner", "refiner_scheduler")}
@@ -1030,13 +1039,7 @@ def export_with_refiner(base_dir, refiner, cfg: RefinerRunConfig, out_dir, defau
               if k in base.config}  # fmt: skip
     pipe = ImagenPipeline(**parts, refiner=copy.deepcopy(refiner).half(), refiner_scheduler=C.refiner_scheduler(),
                           refiner_max_timestep=cfg.max_timestep, **config)  # fmt: skip
-    defaults = defaults or read_defaults(base_dir)
-    out_dir = Path(out_dir)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    if defaults:
-        (out_dir / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
-    write_training_state(out_dir, {**read_training_state(base_dir), **(training_state or {})})
-    return out_dir
+    return save_on_top_of(pipe, base_dir, out_dir, defaults, training_state)
 
 
 def export_refiner_checkpoint(cache: Path, base_dir: Path, out_dir: Path, checkpoint: str = "latest",
