@@ -70,30 +70,33 @@ def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1", base
     sr_cache = cache / lineage_name("imagen-sr", recipe)
     start = defaults.get("refiner_start", 0)
     refiner = max(start if isinstance(start, list) else [start]) > 0
-    with tempfile.TemporaryDirectory() as work:
-        tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
-        cascade = base_dir if base_dir is not None else Path(work) / "cascade" if refiner else tmp
-        if base_dir is None:
-            base = export_base_checkpoint(cache / lineage_name("imagen-base", recipe), Path(work) / "base")
-            if recipe != "v1" and not list_checkpoints(sr_cache):
-                export_cascade_carrying_sr(base, presets.WEIGHTS_DIR / "imagen", cascade, defaults=defaults)
-                record_recipe(cascade, ["imagen-base"], recipe)  # the carried SR keeps its own lineage's record
-            else:
-                export_sr_checkpoint(sr_cache, base, cascade, defaults=defaults)
-                record_recipe(cascade, ["imagen-base", "imagen-sr"], recipe)
-        if refiner:
-            export_refiner_checkpoint(cache / "imagen-refiner", cascade, tmp, defaults=defaults)
-            check_refiner_start(tmp, defaults["refiner_start"])
+    tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            cascade = base_dir if base_dir is not None else Path(work) / "cascade" if refiner else tmp
+            if base_dir is None:
+                base = export_base_checkpoint(cache / lineage_name("imagen-base", recipe), Path(work) / "base")
+                if recipe != "v1" and not list_checkpoints(sr_cache):
+                    export_cascade_carrying_sr(base, presets.WEIGHTS_DIR / "imagen", cascade, defaults=defaults)
+                    record_recipe(cascade, ["imagen-base"], recipe)  # the carried SR keeps its own lineage's record
+                else:
+                    export_sr_checkpoint(sr_cache, base, cascade, defaults=defaults)
+                    record_recipe(cascade, ["imagen-base", "imagen-sr"], recipe)
+            if refiner:
+                export_refiner_checkpoint(cache / "imagen-refiner", cascade, tmp, defaults=defaults)
+                check_refiner_start(tmp, defaults["refiner_start"])
+    except BaseException:  # never leave a half-written directory beside the package's
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return swap_in(tmp, out)
 
 
 def check_refiner_start(directory: Path, refiner_start) -> None:
-    """ValueError (the directory removed) when the exported refiner cannot run ``refiner_start``
-    (one timestep or one per stage)."""
+    """ValueError when the refiner exported to ``directory`` cannot run ``refiner_start`` (one
+    timestep or one per stage)."""
     model_index = json.loads((directory / "model_index.json").read_text())
     top = max(refiner_start if isinstance(refiner_start, list) else [refiner_start])
     if top > model_index.get("refiner_max_timestep", 0):
-        shutil.rmtree(directory)
         raise ValueError(f"--refiner-start {top} is above the timesteps the refiner was trained on "
                          f"(0 to {model_index.get('refiner_max_timestep', 0)})")  # fmt: skip
 
