@@ -604,6 +604,68 @@ def test_a_grafted_decoder_starts_from_another_lineage_and_keeps_its_steps_and_h
                     str(tmp_path / "cache" / "clip"), tmp_path / "other" / "decoder")  # fmt: skip
 
 
+def test_a_fresh_decoder_starts_from_new_weights_on_a_trained_clip_prior_and_sr(tmp_path):
+    """DALLE2_V3_PLAN's fresh start: the decoder stage starts from a trained pipeline whose decoder
+    and text_proj get new random weights, at step 0; the source's CLIP, prior and SR weights, steps
+    and hours stay in the new lineage's training state."""
+    from imagen_lite.training.default import export_dalle2_checkpoint, fresh_start, train_dalle2
+
+    donor_plan = (dict(stage="decoder", max_steps=1, batch_size=2, warmup_steps=0),)
+    train_dalle2(tmp_path / "donor_cache", minutes=30, plan=donor_plan, start="tiny")
+    donor = export_dalle2_checkpoint(tmp_path / "donor_cache", tmp_path / "donor", plan=donor_plan)
+    state = D.read_training_state(donor)
+    state["decoder"].update(step=7, cpu_hours=1.5)
+    state.update(clip={"step": 4, "cpu_hours": 0.5, "config": {}}, prior={"step": 2, "cpu_hours": 0.125, "config": {}},
+                 sr={"step": 3, "cpu_hours": 0.25, "config": {}})  # fmt: skip
+    D.write_training_state(donor, state)
+    D.record_recipe(donor, list(state), "v2")
+
+    fresh = dict(D.FRESH_DECODER, source=str(donor))
+    plan = (dict(stage="decoder", max_steps=3, batch_size=2, warmup_steps=0, image_embed_dropout=0.3, fresh=fresh,
+                 phases={2: dict(lr=5e-5)}),)  # fmt: skip
+    assert train_dalle2(tmp_path / "cache", minutes=30, plan=plan, start="tiny") == {"decoder": 3}
+    seed = json.loads((tmp_path / "cache" / "decoder" / "warm_start.json").read_text())
+    start = tmp_path / "cache" / "decoder-fresh"
+    assert seed["step"] == 0 and seed["from"] == str(start)
+    assert not (start / "training_state.json").exists()
+    weights = lambda d, part: load_file(str(next((d / part).glob("*.safetensors"))))  # noqa: E731
+    for part in ("text_encoder", "prior", "super_res_first", "image_encoder"):  # the source's, unchanged
+        a, b = weights(donor, part), weights(start, part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+    for part in ("decoder", "text_proj"):  # the same shapes, new values
+        a, b = weights(donor, part), weights(start, part)
+        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+        assert not all(torch.equal(a[k].float(), b[k].float()) for k in a if a[k].float().std() > 0)
+
+    out = export_dalle2_checkpoint(tmp_path / "cache", tmp_path / "v3", plan=plan)
+    shipped = D.read_training_state(out)
+    assert shipped["decoder"]["step"] == 3 and shipped["decoder"]["cpu_hours"] < 1.5  # its own hours only
+    assert shipped["clip"] == {"step": 4, "cpu_hours": 0.5, "config": {"grafted_from": str(donor)}}
+    assert shipped["sr"]["step"] == 3 and shipped["prior"]["cpu_hours"] == 0.125
+    # a source of another lineage, or one without the stages' records, is refused before anything is written
+    with pytest.raises(ValueError, match=r"holds lineage 'v2', but the plan builds on 'v1'"):
+        fresh_start(dict(fresh, recipe="v1"), tmp_path / "other" / "decoder")
+    with pytest.raises(ValueError, match=r"no training_state.json record of \['clip', 'prior', 'sr'\]"):
+        fresh_start(dict(fresh, source=str(tmp_path / "donor_cache" / "decoder")), tmp_path / "other" / "decoder")
+    assert not (tmp_path / "other").exists()
+
+
+def test_the_dalle2_v3_plan_is_well_formed():
+    """v3: one decoder stage from new weights on the shipped v2's CLIP, prior and SR, with the Imagen
+    base v4's phases and image_embed_dropout from step 0."""
+    from imagen_lite.training.default import DALLE2_V3_PLAN, dalle2_stage_config, phase_starts, settings_at
+
+    (decoder,) = DALLE2_V3_PLAN
+    cfg = dalle2_stage_config(decoder, Path("/tmp/unused"), "small")
+    cfg.check()
+    assert (cfg.stage, cfg.image_embed_dropout, cfg.mixed_precision) == ("decoder", 0.3, "bf16")
+    assert decoder["fresh"]["recipe"] == "v2" and set(decoder["fresh"]["stages"]) == {"clip", "prior", "sr"}
+    assert phase_starts(decoder) == [6200, 8600, 10600]
+    assert settings_at(decoder, 6200)["timestep_bias_begin"] == 850  # the range phase
+    late = settings_at(decoder, 10600)
+    assert (late["lr"], late["timestep_bias_end"], late["shapes_mixture"]) == (1e-4, None, D.BASE_CONSOLIDATION_PHASE["mixture"])
+
+
 def test_the_dalle2_v2_plan_is_well_formed():
     from imagen_lite.training.default import DALLE2_V2_PLAN, dalle2_stage_config, phase_starts
 

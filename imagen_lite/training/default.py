@@ -1150,8 +1150,34 @@ DALLE2_V2E_PLAN: tuple[dict, ...] = (
     *DALLE2_V2_PLAN[:2],
     {**DALLE2_V2_PLAN[2], "max_steps": 32000, "phases": {**DALLE2_V2_PLAN[2]["phases"], 26000: V2E_DECODER}},
 )
-DALLE2_PLANS = {"v1": DALLE2_PLAN, "v2": DALLE2_V2_PLAN, "v2e": DALLE2_V2E_PLAN}
-PLAN_ONLY_KEYS = ("lr_drops", "phases", "graft")  # plan entries that are not TrainConfig fields
+# v3 (twenty-first session): a new DALL-E 2 decoder lineage, trained from step 0 on v2's CLIP, prior
+# and SR (``fresh``: those stages' weights, steps and hours come from the v2 default; the decoder
+# and its text_proj start from new random weights). Why a new decoder and not more of v2's:
+# - v2's decoder is 26,000 steps of v1's, grafted and fine-tuned through four recipes (9.58 wall
+#   hours, about 4.6 reference hours, the largest share of the 8): a decoder trained from step 0
+#   with the recipe that the Imagen base needed 2.09 reference hours for (v4: 80.7% against
+#   DALL-E 2's 69.5%) may match it for less and free the rest of its hours;
+# - it reads its CLIP text tokens from step 0: ``image_embed_dropout`` 0.3 (beyond the
+#   caption-dropped tenth, 30% of the samples get the learned unconditional image embedding and
+#   keep their caption). The CLIP text tower binds colours to shapes (probe 1.00) where the image
+#   tower hardly does (60%, chance 43%), and v2's decoder ignores its text tokens; the same
+#   dropout as a fine-tune of the trained decoder (v2e) did not change that, as a late binding loss
+#   had not reached the Imagen v2 base's images while one from step 0 did (v3).
+# Recipe otherwise the Imagen base v4's (``BASE_RECIPES["v4"]``, bf16, snr_floor 1, "later" 0.25 x
+# 2, its caption mixture; the range phase at 6,200, consolidation at 8,600, lr 1e-4 from 10,600),
+# on the decoder's own architecture (SMALL_UNCLIP, 4x4 patches, 7.41M). Its ceiling: the hours of
+# the decoder it would replace (decision in docs/model_card.md, "Twenty-first session").
+V3_CONSOLIDATION_PHASE = {**{k: v for k, v in BASE_CONSOLIDATION_PHASE.items() if k != "mixture"},
+                          "shapes_mixture": BASE_CONSOLIDATION_PHASE["mixture"]}  # fmt: skip
+FRESH_DECODER = dict(source="shipped", recipe="v2", components=("decoder", "text_proj"), stages=("clip", "prior", "sr"))
+DALLE2_V3_PLAN: tuple[dict, ...] = (
+    dict(stage="decoder", max_steps=24000, batch_size=32, lr=5e-4, mixed_precision="bf16", snr_floor=1.0,
+         timestep_bias_strategy="later", timestep_bias_multiplier=2.0, timestep_bias_portion=0.25,
+         shapes_mixture=V2_MIXTURE, image_embed_dropout=0.3, fresh=FRESH_DECODER,
+         phases={6200: RANGE_PHASE, 8600: V3_CONSOLIDATION_PHASE, 10600: {"lr": 1e-4}}),
+)
+DALLE2_PLANS = {"v1": DALLE2_PLAN, "v2": DALLE2_V2_PLAN, "v2e": DALLE2_V2E_PLAN, "v3": DALLE2_V3_PLAN}
+PLAN_ONLY_KEYS = ("lr_drops", "phases", "graft", "fresh")  # plan entries that are not TrainConfig fields
 
 
 def settings_at(item: dict, step: int) -> dict:
@@ -1242,6 +1268,47 @@ def graft_start(graft: dict, previous: str, out: Path) -> dict:
             "grafted": {"source": str(source), "stages": {s: r for s, r in record.items() if s != stage}}}  # fmt: skip
 
 
+def fresh_start(fresh: dict, out: Path, seed: int = 0) -> dict:
+    """Start a stage from another trained DALL-E 2 pipeline (``fresh["source"]``: a directory, or
+    "shipped" for the package's default) with ``fresh["components"]`` given new random weights
+    (their own configs, torch seeded with ``seed``): writes ``out.parent / f"{stage}-fresh"`` and
+    returns the stage's seed, ``{"step": 0, "cpu_hours": 0.0, "from", "grafted"}``, ``grafted``
+    holding the source's records of ``fresh["stages"]`` (the stages it brings trained), so the
+    lineage keeps counting their hours."""
+    from .. import presets
+    from ..pipelines.unclip import UnCLIPLitePipeline
+
+    source = presets.WEIGHTS_DIR / "dalle2" if fresh["source"] == "shipped" else Path(fresh["source"])
+    state = read_training_state(source)
+    stage = Path(out).name
+    want, have = fresh.get("recipe"), recipe_of(state, stage)
+    if want and state and have != want:
+        raise ValueError(f"fresh-start source {str(source)!r} holds lineage {have!r}, but the plan builds on {want!r}; "
+                         f"pass a directory of {want!r} weights as the source")  # fmt: skip
+    missing = [s for s in fresh["stages"] if s not in state]
+    if missing:
+        raise ValueError(f"fresh-start source {str(source)!r} has no {TRAINING_STATE_FILE} record of {missing}; "
+                         f"it cannot seed the {stage} stage")  # fmt: skip
+    target = Path(out).parent / f"{stage}-fresh"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=Path(out).parent, prefix=f".{stage}-fresh-"))
+    shutil.copytree(source, tmp, dirs_exist_ok=True)
+    for name in (TRAINING_STATE_FILE, "imagen_lite_defaults.json"):  # a start point, not a default
+        (tmp / name).unlink(missing_ok=True)
+    donor = UnCLIPLitePipeline.from_pretrained(source, torch_dtype=torch.float32, use_safetensors=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name in fresh["components"]:
+            old = getattr(donor, name)
+            new = type(old).from_config(old.config)
+            shutil.rmtree(tmp / name, ignore_errors=True)
+            new.save_pretrained(tmp / name, safe_serialization=True)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # complete or absent
+    record = {s: {"step": int(state[s]["step"]), "cpu_hours": float(state[s].get("cpu_hours", 0.0))} for s in fresh["stages"]}
+    return {"step": 0, "cpu_hours": 0.0, "from": str(target), "grafted": {"source": str(source), "stages": record}}
+
+
 def dalle2_hours(cache: Path) -> dict:
     """Wall hours per DALL-E 2 stage, as ``train_dalle2`` adds them up in ``cache/hours.json``."""
     return _read_json(Path(cache) / "hours.json")
@@ -1302,6 +1369,8 @@ def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN
         seed = dalle2_seed(Path(cfg.out), shipped, cfg.stage, warm_start)
         if seed is None and item.get("graft") and latest_step(cfg.out) is None:
             seed = graft_start(item["graft"], previous, Path(cfg.out))
+        if seed is None and item.get("fresh") and latest_step(cfg.out) is None:
+            seed = fresh_start(item["fresh"], Path(cfg.out), cfg.seed)
         offset = seed["step"] if seed else 0
         if seed:  # recorded even for a stage the shipped weights finished, so its step and hours ship again
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
