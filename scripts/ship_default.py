@@ -104,7 +104,10 @@ def check_refiner_start(directory: Path, refiner_start) -> None:
 def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
     export_dalle2_checkpoint(cache / lineage_name("dalle2", recipe), tmp, defaults=defaults, plan=DALLE2_PLANS[recipe])
-    record_recipe(tmp, [p["stage"] for p in DALLE2_PLANS[recipe]] + ["sr"], recipe)
+    plan = DALLE2_PLANS[recipe]
+    # stages a fresh start brought trained (v3: v2's CLIP, prior and SR) keep their own lineage's record
+    kept = {s for item in plan for s in (item.get("fresh") or {}).get("stages", ())}
+    record_recipe(tmp, [s for s in [*(item["stage"] for item in plan), "sr"] if s not in kept], recipe)
     return swap_in(tmp, out)
 
 

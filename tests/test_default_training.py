@@ -604,10 +604,12 @@ def test_a_grafted_decoder_starts_from_another_lineage_and_keeps_its_steps_and_h
                     str(tmp_path / "cache" / "clip"), tmp_path / "other" / "decoder")  # fmt: skip
 
 
-def test_a_fresh_decoder_starts_from_new_weights_on_a_trained_clip_prior_and_sr(tmp_path):
+def test_a_fresh_decoder_starts_from_new_weights_on_a_trained_clip_prior_and_sr(tmp_path, monkeypatch):
     """DALLE2_V3_PLAN's fresh start: the decoder stage starts from a trained pipeline whose decoder
     and text_proj get new random weights, at step 0; the source's CLIP, prior and SR weights, steps
     and hours stay in the new lineage's training state."""
+    import runpy
+
     from imagen_lite.training.default import export_dalle2_checkpoint, fresh_start, train_dalle2
 
     donor_plan = (dict(stage="decoder", max_steps=1, batch_size=2, warmup_steps=0),)
@@ -621,11 +623,12 @@ def test_a_fresh_decoder_starts_from_new_weights_on_a_trained_clip_prior_and_sr(
     D.record_recipe(donor, list(state), "v2")
 
     fresh = dict(D.FRESH_DECODER, source=str(donor))
+    cache = tmp_path / "dalle2-v3"
     plan = (dict(stage="decoder", max_steps=3, batch_size=2, warmup_steps=0, image_embed_dropout=0.3, fresh=fresh,
                  phases={2: dict(lr=5e-5)}),)  # fmt: skip
-    assert train_dalle2(tmp_path / "cache", minutes=30, plan=plan, start="tiny") == {"decoder": 3}
-    seed = json.loads((tmp_path / "cache" / "decoder" / "warm_start.json").read_text())
-    start = tmp_path / "cache" / "decoder-fresh"
+    assert train_dalle2(cache, minutes=30, plan=plan, start="tiny") == {"decoder": 3}
+    seed = json.loads((cache / "decoder" / "warm_start.json").read_text())
+    start = cache / "decoder-fresh"
     assert seed["step"] == 0 and seed["from"] == str(start)
     assert not (start / "training_state.json").exists()
     weights = lambda d, part: load_file(str(next((d / part).glob("*.safetensors"))))  # noqa: E731
@@ -637,11 +640,17 @@ def test_a_fresh_decoder_starts_from_new_weights_on_a_trained_clip_prior_and_sr(
         assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
         assert not all(torch.equal(a[k].float(), b[k].float()) for k in a if a[k].float().std() > 0)
 
-    out = export_dalle2_checkpoint(tmp_path / "cache", tmp_path / "v3", plan=plan)
+    out = export_dalle2_checkpoint(cache, tmp_path / "v3", plan=plan)
     shipped = D.read_training_state(out)
     assert shipped["decoder"]["step"] == 3 and shipped["decoder"]["cpu_hours"] < 1.5  # its own hours only
-    assert shipped["clip"] == {"step": 4, "cpu_hours": 0.5, "config": {"grafted_from": str(donor)}}
+    assert shipped["clip"] == {"step": 4, "cpu_hours": 0.5, "recipe": "v2", "config": {"grafted_from": str(donor)}}
     assert shipped["sr"]["step"] == 3 and shipped["prior"]["cpu_hours"] == 0.125
+    # shipped: the decoder is v3's, the stages the fresh start brought keep v2's record
+    monkeypatch.setitem(D.DALLE2_PLANS, "v3", plan)
+    ship = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ship_default.py"), run_name="ship")
+    ship["ship_dalle2"](tmp_path, tmp_path / "shipped", {"guidance_scale": [2.0, 2.0, 1.0]}, "v3")
+    recipes = {stage: D.recipe_of(D.read_training_state(tmp_path / "shipped"), stage) for stage in state}
+    assert recipes == {"clip": "v2", "prior": "v2", "sr": "v2", "decoder": "v3"}
     # a source of another lineage, or one without the stages' records, is refused before anything is written
     with pytest.raises(ValueError, match=r"holds lineage 'v2', but the plan builds on 'v1'"):
         fresh_start(dict(fresh, recipe="v1"), tmp_path / "other" / "decoder")

@@ -1273,8 +1273,8 @@ def fresh_start(fresh: dict, out: Path, seed: int = 0) -> dict:
     "shipped" for the package's default) with ``fresh["components"]`` given new random weights
     (their own configs, torch seeded with ``seed``): writes ``out.parent / f"{stage}-fresh"`` and
     returns the stage's seed, ``{"step": 0, "cpu_hours": 0.0, "from", "grafted"}``, ``grafted``
-    holding the source's records of ``fresh["stages"]`` (the stages it brings trained), so the
-    lineage keeps counting their hours."""
+    holding the source's records of ``fresh["stages"]`` (the stages it brings trained, with their
+    own recipe), so the lineage keeps counting their hours and says whose they are."""
     from .. import presets
     from ..pipelines.unclip import UnCLIPLitePipeline
 
@@ -1305,7 +1305,8 @@ def fresh_start(fresh: dict, out: Path, seed: int = 0) -> dict:
             new.save_pretrained(tmp / name, safe_serialization=True)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # complete or absent
-    record = {s: {"step": int(state[s]["step"]), "cpu_hours": float(state[s].get("cpu_hours", 0.0))} for s in fresh["stages"]}
+    record = {s: {"step": int(state[s]["step"]), "cpu_hours": float(state[s].get("cpu_hours", 0.0)),
+                  "recipe": recipe_of(state, s)} for s in fresh["stages"]}  # fmt: skip
     return {"step": 0, "cpu_hours": 0.0, "from": str(target), "grafted": {"source": str(source), "stages": record}}
 
 
