@@ -651,6 +651,13 @@ def test_a_fresh_decoder_starts_from_new_weights_on_a_trained_clip_prior_and_sr(
     ship["ship_dalle2"](tmp_path, tmp_path / "shipped", {"guidance_scale": [2.0, 2.0, 1.0]}, "v3")
     recipes = {stage: D.recipe_of(D.read_training_state(tmp_path / "shipped"), stage) for stage in state}
     assert recipes == {"clip": "v2", "prior": "v2", "sr": "v2", "decoder": "v3"}
+    # a new machine resumes the lineage from its export (wip/dalle2-v3): its step, and the brought stages' records
+    longer = (dict(plan[0], max_steps=4),)
+    assert train_dalle2(tmp_path / "new_machine", minutes=30, plan=longer, start="tiny", warm_start=out) == {"decoder": 4}
+    resumed = D.read_training_state(export_dalle2_checkpoint(tmp_path / "new_machine", tmp_path / "v3b", plan=longer))
+    assert resumed["decoder"]["step"] == 4 and resumed["decoder"]["cpu_hours"] >= shipped["decoder"]["cpu_hours"]
+    assert {s: (resumed[s]["step"], resumed[s]["recipe"]) for s in ("clip", "prior", "sr")} == {
+        "clip": (4, "v2"), "prior": (2, "v2"), "sr": (3, "v2")}
     # a source of another lineage, or one without the stages' records, is refused before anything is written
     with pytest.raises(ValueError, match=r"holds lineage 'v2', but the plan builds on 'v1'"):
         fresh_start(dict(fresh, recipe="v1"), tmp_path / "other" / "decoder")

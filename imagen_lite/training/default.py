@@ -1368,6 +1368,12 @@ def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN
     for item in plan:
         cfg = dalle2_stage_config(item, cache, previous)
         seed = dalle2_seed(Path(cfg.out), shipped, cfg.stage, warm_start)
+        if seed is not None and item.get("fresh") and "grafted" not in seed:
+            # a fresh-start lineage resumed from its own export (wip/dalle2-v3 on a new machine):
+            # the stages its fresh start brought are recorded there, and stay in its count
+            brought = {s: {"step": int(shipped[s]["step"]), "cpu_hours": float(shipped[s].get("cpu_hours", 0.0)),
+                           "recipe": recipe_of(shipped, s)} for s in item["fresh"]["stages"] if s in shipped}  # fmt: skip
+            seed = {**seed, "grafted": {"source": str(warm_start), "stages": brought}}
         if seed is None and item.get("graft") and latest_step(cfg.out) is None:
             seed = graft_start(item["graft"], previous, Path(cfg.out))
         if seed is None and item.get("fresh") and latest_step(cfg.out) is None:
