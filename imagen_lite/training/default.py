@@ -1154,7 +1154,7 @@ DALLE2_V2E_PLAN: tuple[dict, ...] = (
 # and SR (``fresh``: those stages' weights, steps and hours come from the v2 default; the decoder
 # and its text_proj start from new random weights). Why a new decoder and not more of v2's:
 # - v2's decoder is 26,000 steps of v1's, grafted and fine-tuned through four recipes (9.58 wall
-#   hours, about 4.6 reference hours, the largest share of the 8): a decoder trained from step 0
+#   hours, 4.21 reference hours, the largest share of the 8): a decoder trained from step 0
 #   with the recipe that the Imagen base needed 2.09 reference hours for (v4: 80.7% against
 #   DALL-E 2's 69.5%) may match it for less and free the rest of its hours;
 # - it reads its CLIP text tokens from step 0: ``image_embed_dropout`` 0.3 (beyond the
