@@ -558,20 +558,27 @@ def test_a_base_branch_takes_its_recipe_over_the_weights_of_another_lineage(tmp_
     assert seen["cfg"].phases == D.BASE_RECIPES["v4"]["phases"] and seen["cfg"].timestep_bias_multiplier == 10.0
 
 
+def _tiny_dalle2_donor(tmp_path, **records) -> Path:
+    """A tiny trained DALL-E 2 pipeline exported with a training state: its decoder at step 7 and
+    1.5 hours, plus ``records`` ({stage: record}) for the stages it claims to bring."""
+    from imagen_lite.training.default import export_dalle2_checkpoint, train_dalle2
+
+    donor_plan = (dict(stage="decoder", max_steps=1, batch_size=2, warmup_steps=0),)
+    train_dalle2(tmp_path / "donor_cache", minutes=30, plan=donor_plan, start="tiny")
+    donor = export_dalle2_checkpoint(tmp_path / "donor_cache", tmp_path / "donor", plan=donor_plan)
+    state = D.read_training_state(donor)
+    state["decoder"].update(step=7, cpu_hours=1.5)
+    D.write_training_state(donor, {**state, **records})
+    return donor
+
+
 def test_a_grafted_decoder_starts_from_another_lineage_and_keeps_its_steps_and_hours(tmp_path):
     """DALLE2_V2_PLAN's graft: a new CLIP and prior, then the decoder stage starts from a trained
     donor's decoder, text_proj and SR weights at the donor's recorded step; the donor's decoder and
     SR hours stay in the new lineage's training state."""
     from imagen_lite.training.default import export_dalle2_checkpoint, graft_start, train_dalle2
 
-    # the donor: a tiny trained decoder pipeline with a training state
-    donor_plan = (dict(stage="decoder", max_steps=1, batch_size=2, warmup_steps=0),)
-    train_dalle2(tmp_path / "donor_cache", minutes=30, plan=donor_plan, start="tiny")
-    donor = export_dalle2_checkpoint(tmp_path / "donor_cache", tmp_path / "donor", plan=donor_plan)
-    state = D.read_training_state(donor)
-    state["decoder"].update(step=7, cpu_hours=1.5)
-    state["sr"] = {"step": 3, "cpu_hours": 0.25, "config": {}}
-    D.write_training_state(donor, state)
+    donor = _tiny_dalle2_donor(tmp_path, sr={"step": 3, "cpu_hours": 0.25, "config": {}})
 
     graft = dict(source=str(donor), components=D.GRAFT_COMPONENTS, stages=("decoder", "sr"))
     plan = (dict(stage="clip", max_steps=2, batch_size=4, shapes_contrast_group=4, shapes_mixture={"position": 1.0}),
@@ -612,14 +619,9 @@ def test_a_fresh_decoder_starts_from_new_weights_on_a_trained_clip_prior_and_sr(
 
     from imagen_lite.training.default import export_dalle2_checkpoint, fresh_start, train_dalle2
 
-    donor_plan = (dict(stage="decoder", max_steps=1, batch_size=2, warmup_steps=0),)
-    train_dalle2(tmp_path / "donor_cache", minutes=30, plan=donor_plan, start="tiny")
-    donor = export_dalle2_checkpoint(tmp_path / "donor_cache", tmp_path / "donor", plan=donor_plan)
+    donor = _tiny_dalle2_donor(tmp_path, clip={"step": 4, "cpu_hours": 0.5, "config": {}},
+                               prior={"step": 2, "cpu_hours": 0.125, "config": {}}, sr={"step": 3, "cpu_hours": 0.25, "config": {}})  # fmt: skip
     state = D.read_training_state(donor)
-    state["decoder"].update(step=7, cpu_hours=1.5)
-    state.update(clip={"step": 4, "cpu_hours": 0.5, "config": {}}, prior={"step": 2, "cpu_hours": 0.125, "config": {}},
-                 sr={"step": 3, "cpu_hours": 0.25, "config": {}})  # fmt: skip
-    D.write_training_state(donor, state)
     D.record_recipe(donor, list(state), "v2")
 
     fresh = dict(D.FRESH_DECODER, source=str(donor))
