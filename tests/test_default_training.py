@@ -288,9 +288,9 @@ def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weig
         ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--sr-strength", "0.5",
                       "--defaults-only"])  # fmt: skip
     assert exit_info.value.code == 2 and "applies to --family imagen only" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:  # v3 is a lineage of the Imagen base only
-        ship["main"](["--family", "dalle2", "--recipe", "v3", "--steps", "25,25,3", "--guidance", "2,2,1"])
-    assert exit_info.value.code == 2 and "--recipe v3: --family dalle2 has the lineages ['v1', 'v2', 'v2e']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # v4 is a lineage of the Imagen base only
+        ship["main"](["--family", "dalle2", "--recipe", "v4", "--steps", "25,25,3", "--guidance", "2,2,1"])
+    assert exit_info.value.code == 2 and "--recipe v4: --family dalle2 has the lineages ['v1', 'v2', 'v2e', 'v3']" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # the caption-alone branch is the DALL-E 2 decoder's
         ship["main"](argv + ["--text-guidance", "4"])
     assert exit_info.value.code == 2 and "--text-guidance 4.0 applies to --family dalle2 only" in capsys.readouterr().err
