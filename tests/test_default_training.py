@@ -668,6 +668,33 @@ def test_a_fresh_decoder_starts_from_new_weights_on_a_trained_clip_prior_and_sr(
     assert not (tmp_path / "other").exists()
 
 
+def test_a_bf16_run_exports_its_frozen_components_as_it_found_them(tmp_path):
+    """Mixed precision casts frozen components down for the run; the exported pipeline carries them
+    as the start directory holds them, not their bf16-rounded copies (DALL-E 2 v3 trains its decoder
+    in bf16 beside v2's CLIP, prior and SR, which must ship unchanged)."""
+    from accelerate.state import AcceleratorState
+
+    from imagen_lite.training.default import export_dalle2_checkpoint, train_dalle2
+
+    donor = _tiny_dalle2_donor(tmp_path, clip={"step": 4, "cpu_hours": 0.5, "config": {}},
+                               prior={"step": 2, "cpu_hours": 0.125, "config": {}}, sr={"step": 3, "cpu_hours": 0.25, "config": {}})  # fmt: skip
+    D.record_recipe(donor, list(D.read_training_state(donor)), "v2")
+    plan = (dict(stage="decoder", max_steps=2, batch_size=2, warmup_steps=0, mixed_precision="bf16",
+                 fresh=dict(D.FRESH_DECODER, source=str(donor))),)  # fmt: skip
+    AcceleratorState._reset_state(True)  # accelerate keeps one mixed-precision setting per process
+    try:
+        train_dalle2(tmp_path / "dalle2-v3", minutes=30, plan=plan, start="tiny")
+        out = export_dalle2_checkpoint(tmp_path / "dalle2-v3", tmp_path / "v3", plan=plan)
+    finally:
+        AcceleratorState._reset_state(True)
+    weights = lambda d, part: load_file(str(next((d / part).glob("*.safetensors"))))  # noqa: E731
+    for part in ("text_encoder", "prior", "super_res_first", "super_res_last", "image_encoder"):
+        a, b = weights(donor, part), weights(out, part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    trained = weights(out, "decoder")
+    assert any(not torch.equal(v, weights(tmp_path / "dalle2-v3" / "decoder-fresh", "decoder")[k].half()) for k, v in trained.items())
+
+
 def test_the_dalle2_v3_plan_is_well_formed():
     """v3: one decoder stage from new weights on the shipped v2's CLIP, prior and SR, with the Imagen
     base v4's phases and image_embed_dropout from step 0."""

@@ -122,6 +122,24 @@ def _continue_at_lr(optimizer, lr_scheduler, old: float, new: float) -> None:
         inner._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
+def _frozen_from_disk(start_dir: Path | None, name: str, module: torch.nn.Module, dtype: torch.dtype):
+    """A frozen component as the start directory holds it, in ``dtype``; None when there is no
+    copy there that its class loads. Mixed precision casts frozen components down for the run
+    (bf16 keeps 8 bits of mantissa), and casting them back up keeps that rounding: the exported
+    pipeline would carry changed copies of weights the run never trained (found in the
+    twenty-first session: DALL-E 2 v3's CLIP, prior and SR moved by up to 2^-8 relative)."""
+    if start_dir is None or not (Path(start_dir) / name).is_dir():
+        return None
+    from transformers import PreTrainedModel
+
+    key = "dtype" if isinstance(module, PreTrainedModel) else "torch_dtype"
+    try:
+        return type(module).from_pretrained(Path(start_dir) / name, **{key: dtype}).eval()
+    except (OSError, ValueError) as err:  # e.g. only a variant's files there: cast back up instead
+        logger.warning("%s: not reloaded from %s (%s); exported from its mixed-precision copy", name, start_dir, err)
+        return None
+
+
 def _export(out: Path, pipe, stage, parts: dict, cfg: TrainConfig, lora_configs: dict, image_encoder, processor,
             dtypes: dict, start_dir: Path | None) -> None:  # fmt: skip
     """Write the output: a complete pipeline directory (the trained stage swapped into the start
@@ -142,7 +160,9 @@ def _export(out: Path, pipe, stage, parts: dict, cfg: TrainConfig, lora_configs:
     for name, dtype in dtypes.items():  # frozen components were cast down for mixed precision
         module = pipe.components.get(name)
         if name not in replace and isinstance(module, torch.nn.Module) and module.dtype != dtype:
-            module.to(dtype)
+            replace[name] = _frozen_from_disk(start_dir, name, module, dtype) or module.to(dtype)
+    if image_encoder is not None and image_encoder.dtype != torch.float32 and not any(m is image_encoder for m in parts.values()):
+        image_encoder = _frozen_from_disk(start_dir, "image_encoder", image_encoder, torch.float32) or image_encoder.float()
     result = clone_pipeline(pipe, **replace)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out))
     try:
