@@ -1305,9 +1305,15 @@ def fresh_start(fresh: dict, out: Path, seed: int = 0) -> dict:
             new.save_pretrained(tmp / name, safe_serialization=True)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # complete or absent
-    record = {s: {"step": int(state[s]["step"]), "cpu_hours": float(state[s].get("cpu_hours", 0.0)),
-                  "recipe": recipe_of(state, s)} for s in fresh["stages"]}  # fmt: skip
-    return {"step": 0, "cpu_hours": 0.0, "from": str(target), "grafted": {"source": str(source), "stages": record}}
+    return {"step": 0, "cpu_hours": 0.0, "from": str(target),
+            "grafted": {"source": str(source), "stages": brought_records(state, fresh["stages"])}}  # fmt: skip
+
+
+def brought_records(state: dict, stages) -> dict:
+    """The training-state records (step, hours, recipe) of ``stages`` that a lineage brings trained
+    from another one, as ``dalle2_training_state`` ships them; stages ``state`` lacks are left out."""
+    return {s: {"step": int(state[s]["step"]), "cpu_hours": float(state[s].get("cpu_hours", 0.0)),
+                "recipe": recipe_of(state, s)} for s in stages if s in state}  # fmt: skip
 
 
 def dalle2_hours(cache: Path) -> dict:
@@ -1371,9 +1377,7 @@ def train_dalle2(cache: Path, minutes: float, chunk: int = 200, plan=DALLE2_PLAN
         if seed is not None and item.get("fresh") and "grafted" not in seed:
             # a fresh-start lineage resumed from its own export (wip/dalle2-v3 on a new machine):
             # the stages its fresh start brought are recorded there, and stay in its count
-            brought = {s: {"step": int(shipped[s]["step"]), "cpu_hours": float(shipped[s].get("cpu_hours", 0.0)),
-                           "recipe": recipe_of(shipped, s)} for s in item["fresh"]["stages"] if s in shipped}  # fmt: skip
-            seed = {**seed, "grafted": {"source": str(warm_start), "stages": brought}}
+            seed = {**seed, "grafted": {"source": str(warm_start), "stages": brought_records(shipped, item["fresh"]["stages"])}}
         if seed is None and item.get("graft") and latest_step(cfg.out) is None:
             seed = graft_start(item["graft"], previous, Path(cfg.out))
         if seed is None and item.get("fresh") and latest_step(cfg.out) is None:

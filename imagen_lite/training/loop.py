@@ -160,9 +160,12 @@ def _export(out: Path, pipe, stage, parts: dict, cfg: TrainConfig, lora_configs:
     for name, dtype in dtypes.items():  # frozen components were cast down for mixed precision
         module = pipe.components.get(name)
         if name not in replace and isinstance(module, torch.nn.Module) and module.dtype != dtype:
-            replace[name] = _frozen_from_disk(start_dir, name, module, dtype) or module.to(dtype)
+            original = _frozen_from_disk(start_dir, name, module, dtype)
+            replace[name] = module.to(dtype) if original is None else original
+    # the CLIP vision tower (dalle2) loads in float32 (stages.load_start); frozen, it was cast down too
     if image_encoder is not None and image_encoder.dtype != torch.float32 and not any(m is image_encoder for m in parts.values()):
-        image_encoder = _frozen_from_disk(start_dir, "image_encoder", image_encoder, torch.float32) or image_encoder.float()
+        original = _frozen_from_disk(start_dir, "image_encoder", image_encoder, torch.float32)
+        image_encoder = image_encoder.float() if original is None else original
     result = clone_pipeline(pipe, **replace)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out))
     try:
