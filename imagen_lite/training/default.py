@@ -1230,6 +1230,41 @@ def dalle2_seed(out: Path, shipped: dict | None = None, stage: str | None = None
             "cpu_hours": float(shipped[stage].get("cpu_hours", 0.0))}  # fmt: skip
 
 
+def _start_source(spec: dict, out: Path, kind: str, builds: str, hint: str = "") -> tuple[Path, dict]:
+    """The trained DALL-E 2 pipeline a graft or fresh start takes weights from (``spec["source"]``:
+    a directory, or "shipped" for the package's default) and its training state, checked before
+    anything is written: it must hold lineage ``spec["recipe"]`` (when the plan names one) and a
+    record of every stage in ``spec["stages"]``. ``kind``/``builds``/``hint`` word the errors."""
+    from .. import presets
+
+    source = presets.WEIGHTS_DIR / "dalle2" if spec["source"] == "shipped" else Path(spec["source"])
+    state = read_training_state(source)
+    stage = Path(out).name
+    want, have = spec.get("recipe"), recipe_of(state, stage)
+    if want and state and have != want:
+        raise ValueError(f"{kind} source {str(source)!r} holds lineage {have!r}, but the plan {builds.format(want=want)}; "
+                         f"pass a directory of {want!r} weights as the {kind} source{hint}")  # fmt: skip
+    missing = [s for s in spec["stages"] if s not in state]
+    if missing:
+        raise ValueError(f"{kind} source {str(source)!r} has no {TRAINING_STATE_FILE} record of {missing}; "
+                         f"it cannot seed the {stage} stage")  # fmt: skip
+    return source, state
+
+
+def _write_start(base, out: Path, suffix: str, edit) -> Path:
+    """Copy pipeline ``base`` to ``out.parent / f"{stage}-{suffix}"``, changed by ``edit(folder)``
+    on a hidden temp copy that is renamed into place: the folder is complete or absent, a kill
+    mid-copy leaves only the temp folder."""
+    target = Path(out).parent / f"{Path(out).name}-{suffix}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    shutil.copytree(base, tmp, dirs_exist_ok=True)
+    edit(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
 def graft_start(graft: dict, previous: str, out: Path) -> dict:
     """Start a stage from the pipeline ``previous`` with ``graft["components"]`` taken from another
     trained DALL-E 2 pipeline (``graft["source"]``: a directory, or "shipped" for the package's
@@ -1237,32 +1272,20 @@ def graft_start(graft: dict, previous: str, out: Path) -> dict:
     ``{"step", "from", "cpu_hours", "grafted"}`` -- step and hours of the source's record for
     this stage, and in ``grafted`` the records of the other stages it brings (``graft["stages"]``),
     so the lineage keeps counting their hours."""
-    from .. import presets
     from ..pipelines.unclip import UnCLIPLitePipeline
 
-    source = presets.WEIGHTS_DIR / "dalle2" if graft["source"] == "shipped" else Path(graft["source"])
-    state = read_training_state(source)
     stage = Path(out).name
-    want, have = graft.get("recipe"), recipe_of(state, stage)
-    if want and state and have != want:
-        raise ValueError(
-            f"graft source {str(source)!r} holds lineage {have!r}, but the plan grafts "
-            f"{want!r}'s {stage}; pass a directory of {want!r} weights as the graft source (the last v1 DALL-E 2 "
-            "default is in git: `git archive 0a619d9 imagen_lite/weights/dalle2 | tar -x -C DIR`)"
-        )
-    missing = [s for s in graft["stages"] if s not in state]
-    if missing:
-        raise ValueError(f"graft source {str(source)!r} has no {TRAINING_STATE_FILE} record of {missing}; "
-                         f"it cannot seed the {stage} stage")  # fmt: skip
-    target = Path(out).parent / f"{stage}-graft"
-    tmp = Path(tempfile.mkdtemp(dir=Path(out).parent, prefix=f".{stage}-graft-"))
-    shutil.copytree(previous, tmp, dirs_exist_ok=True)
-    donor = UnCLIPLitePipeline.from_pretrained(source, torch_dtype=torch.float32, use_safetensors=True)
-    for name in graft["components"]:
-        shutil.rmtree(tmp / name, ignore_errors=True)
-        getattr(donor, name).save_pretrained(tmp / name, safe_serialization=True)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # complete or absent: a kill mid-copy leaves only a hidden temp folder
+    source, state = _start_source(graft, out, "graft", "grafts {want!r}'s " + stage,
+                                  hint=" (the last v1 DALL-E 2 default is in git: "
+                                       "`git archive 0a619d9 imagen_lite/weights/dalle2 | tar -x -C DIR`)")  # fmt: skip
+
+    def put_donor_components(folder: Path) -> None:
+        donor = UnCLIPLitePipeline.from_pretrained(source, torch_dtype=torch.float32, use_safetensors=True)
+        for name in graft["components"]:
+            shutil.rmtree(folder / name, ignore_errors=True)
+            getattr(donor, name).save_pretrained(folder / name, safe_serialization=True)
+
+    target = _write_start(previous, out, "graft", put_donor_components)
     record = {s: {"step": int(state[s]["step"]), "cpu_hours": float(state[s].get("cpu_hours", 0.0))} for s in graft["stages"]}
     return {"step": record[stage]["step"], "cpu_hours": record[stage]["cpu_hours"], "from": str(target),
             "grafted": {"source": str(source), "stages": {s: r for s, r in record.items() if s != stage}}}  # fmt: skip
@@ -1275,36 +1298,22 @@ def fresh_start(fresh: dict, out: Path, seed: int = 0) -> dict:
     returns the stage's seed, ``{"step": 0, "cpu_hours": 0.0, "from", "grafted"}``, ``grafted``
     holding the source's records of ``fresh["stages"]`` (the stages it brings trained, with their
     own recipe), so the lineage keeps counting their hours and says whose they are."""
-    from .. import presets
     from ..pipelines.unclip import UnCLIPLitePipeline
 
-    source = presets.WEIGHTS_DIR / "dalle2" if fresh["source"] == "shipped" else Path(fresh["source"])
-    state = read_training_state(source)
-    stage = Path(out).name
-    want, have = fresh.get("recipe"), recipe_of(state, stage)
-    if want and state and have != want:
-        raise ValueError(f"fresh-start source {str(source)!r} holds lineage {have!r}, but the plan builds on {want!r}; "
-                         f"pass a directory of {want!r} weights as the source")  # fmt: skip
-    missing = [s for s in fresh["stages"] if s not in state]
-    if missing:
-        raise ValueError(f"fresh-start source {str(source)!r} has no {TRAINING_STATE_FILE} record of {missing}; "
-                         f"it cannot seed the {stage} stage")  # fmt: skip
-    target = Path(out).parent / f"{stage}-fresh"
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=Path(out).parent, prefix=f".{stage}-fresh-"))
-    shutil.copytree(source, tmp, dirs_exist_ok=True)
-    for name in (TRAINING_STATE_FILE, "imagen_lite_defaults.json"):  # a start point, not a default
-        (tmp / name).unlink(missing_ok=True)
-    donor = UnCLIPLitePipeline.from_pretrained(source, torch_dtype=torch.float32, use_safetensors=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for name in fresh["components"]:
-            old = getattr(donor, name)
-            new = type(old).from_config(old.config)
-            shutil.rmtree(tmp / name, ignore_errors=True)
-            new.save_pretrained(tmp / name, safe_serialization=True)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # complete or absent
+    source, state = _start_source(fresh, out, "fresh-start", "builds on {want!r}")
+
+    def renew_components(folder: Path) -> None:
+        for name in (TRAINING_STATE_FILE, "imagen_lite_defaults.json"):  # a start point, not a default
+            (folder / name).unlink(missing_ok=True)
+        donor = UnCLIPLitePipeline.from_pretrained(source, torch_dtype=torch.float32, use_safetensors=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for name in fresh["components"]:
+                old = getattr(donor, name)
+                shutil.rmtree(folder / name, ignore_errors=True)
+                type(old).from_config(old.config).save_pretrained(folder / name, safe_serialization=True)
+
+    target = _write_start(source, out, "fresh", renew_components)
     return {"step": 0, "cpu_hours": 0.0, "from": str(target),
             "grafted": {"source": str(source), "stages": brought_records(state, fresh["stages"])}}  # fmt: skip
 
