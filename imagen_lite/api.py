@@ -234,9 +234,10 @@ def _load_placed(pipeline, model, device, dtype, offload, scheduler=None, lora=N
     return pipe
 
 
-IMAGEN_ONLY_KWARGS = ("noise_level", "sr_strength", "denoising_end", "refiner_start")
-"""Pipeline-call keywords of the Imagen family's stages (its SR stages; the base's early stop and
-its low-noise refiner); the unCLIP family has no such knobs."""
+IMAGEN_ONLY_KWARGS = ("noise_level", "sr_strength", "denoising_end")
+"""Pipeline-call keywords of the Imagen family's stages (its SR stages; the base's early stop);
+the unCLIP family has no such knobs. (``refiner_start`` is both families': the DALL-E 2 decoder
+takes a low-noise refiner since the twenty-second session.)"""
 
 
 def check_family_kwargs(pipeline: str, kwargs: dict) -> None:
@@ -276,9 +277,9 @@ def family_call_defaults(pipeline: str, preset: presets.Preset) -> dict:
     ``guidance_interval``, for DALL-E 2 a saved ``text_guidance_scale``, and for the Imagen family
     its :data:`IMAGEN_ONLY_KWARGS` (``denoising_end`` and ``refiner_start`` only where its defaults
     file saves them)."""
-    if pipeline != "imagen":  # a saved text_guidance_scale (three-branch decoder guidance) is a dalle2 default too
-        text = preset.extra.get("text_guidance_scale")
-        return {"guidance_interval": preset.guidance_interval, **({} if text is None else {"text_guidance_scale": text})}
+    if pipeline != "imagen":  # a saved text_guidance_scale (three-branch decoder guidance) / refiner_start are dalle2 defaults too
+        saved = {k: preset.extra.get(k) for k in ("text_guidance_scale", "refiner_start")}
+        return {"guidance_interval": preset.guidance_interval, **{k: v for k, v in saved.items() if v is not None}}
     saved = {k: preset.extra.get(k) for k in ("denoising_end", "refiner_start")}  # nineteenth, twentieth sessions
     return {"guidance_interval": preset.guidance_interval, "noise_level": preset.noise_level,
             "sr_strength": preset.sr_strength, **{k: v for k, v in saved.items() if v is not None}}  # fmt: skip

@@ -452,3 +452,94 @@ def test_the_cli_passes_text_guidance_to_generate():
     args = parser.parse_args(["generate", "a red circle", "--pipeline", "dalle2", "--text-guidance", "3.5"])
     assert call_kwargs(args)["text_guidance_scale"] == 3.5
     assert "text_guidance_scale" not in call_kwargs(parser.parse_args(["generate", "a red circle"]))
+
+
+# ---------------------------------------------------------------- the decoder's low-noise refiner
+def _tiny_unclip_with_refiner(max_timestep: int = 300):
+    """The tiny cascade with a fixed-variance decoder (a refiner predicts no variance) and the
+    Imagen family's tiny refiner, both on the cosine schedule."""
+    import dataclasses
+
+    from imagen_lite.models import components as C
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        size = dataclasses.replace(U.TINY_UNCLIP, decoder=dataclasses.replace(U.TINY_UNCLIP.decoder, learned_variance=False))
+        parts = U.build_components(size)
+        plain = UnCLIPLitePipeline(**parts)
+        side = plain.stage_sizes[0]
+        pipe = UnCLIPLitePipeline(**parts, refiner=C.refiner_unet(side).eval(), refiner_scheduler=C.refiner_scheduler(),
+                                  refiner_max_timestep=max_timestep)  # fmt: skip
+    for p in (plain, pipe):
+        p.set_progress_bar_config(disable=True)
+    return pipe, plain
+
+
+def test_the_decoder_hands_its_steps_below_refiner_start_to_the_refiner(tmp_path):
+    """refiner_start=T: the decoder runs its steps at t >= T, the refiner (unconditional, predicting
+    v) those below, its x0 entering the decoder's scheduler as the decoder's own kind of output;
+    0 (the default) is the pipeline without one. It saves and loads with its refiner."""
+    pipe, plain = _tiny_unclip_with_refiner()
+    kw = dict(num_inference_steps=(3, 10), guidance_scale=(1.0, 3.0), num_stages=2, output_type="pt")
+    pipe.decoder_scheduler.set_timesteps(10)
+    full = [int(t) for t in pipe.decoder_scheduler.timesteps]
+    seen = {"decoder": [], "refiner": []}
+    hooks = [getattr(pipe, name).register_forward_pre_hook(
+        lambda m, a, k, name=name: seen[name].append(int(a[1].flatten()[0]) if torch.is_tensor(a[1]) else int(a[1])),
+        with_kwargs=True) for name in seen]  # fmt: skip
+    try:
+        off = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+        assert seen["decoder"] == full and seen["refiner"] == []
+        assert torch.equal(off, plain("a red circle", generator=torch.Generator().manual_seed(0), **kw).images)
+        seen["decoder"].clear()
+        on = pipe("a red circle", refiner_start=300, generator=torch.Generator().manual_seed(0), **kw).images
+        assert seen["decoder"] == [t for t in full if t >= 300] and seen["refiner"] == [t for t in full if t < 300]
+        assert not torch.allclose(on, off)
+    finally:
+        for h in hooks:
+            h.remove()
+    pipe.save_pretrained(tmp_path / "p", safe_serialization=True)
+    loaded = UnCLIPLitePipeline.from_pretrained(tmp_path / "p", use_safetensors=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.refiner_max_timestep == 300
+    again = loaded("a red circle", refiner_start=300, generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.allclose(again, on, atol=1e-5)
+
+
+def test_bad_decoder_refiner_starts_are_named():
+    pipe, plain = _tiny_unclip_with_refiner()
+    kw = dict(num_inference_steps=(2, 2), num_stages=2, output_type="pt")
+    with pytest.raises(ValueError, match=r"refiner_start=301 is above the timesteps this refiner was trained on: use 0 to 300"):
+        pipe("a red circle", refiner_start=301, **kw)
+    with pytest.raises(ValueError, match=r"refiner_start=-1 must be a timestep"):
+        pipe("a red circle", refiner_start=-1, **kw)
+    with pytest.raises(ValueError, match=r"refiner_start=80 needs a pipeline with a refiner"):
+        plain("a red circle", refiner_start=80, **kw)
+    learned = build_tiny_unclip()  # Karlo's learned-variance decoder: no refiner can take its steps
+    with pytest.raises(ValueError, match="a refiner needs a decoder scheduler with fixed variance"):
+        UnCLIPLitePipeline(**{k: v for k, v in learned.components.items() if v is not None}, refiner=pipe.refiner,
+                           refiner_scheduler=pipe.refiner_scheduler, refiner_max_timestep=300)  # fmt: skip
+
+
+def test_a_saved_refiner_start_is_a_dalle2_default_of_generate(tmp_path):
+    """A DALL-E 2 directory whose defaults file saves ``refiner_start`` runs its refiner from
+    ``generate()`` with no argument; ``refiner_start=0`` turns it off."""
+    import imagen_lite
+    from imagen_lite import presets
+
+    pipe, _ = _tiny_unclip_with_refiner()
+    model = tmp_path / "d2_refiner"
+    pipe.save_pretrained(model, safe_serialization=True)
+    (model / presets.DEFAULTS_FILE).write_text(json.dumps({"num_inference_steps": [2, 4], "guidance_scale": [1.0, 1.0],
+                                                           "refiner_start": 300}))  # fmt: skip
+    loaded = imagen_lite.load_pipeline("dalle2", model=str(model), device="cpu")
+    seen = []
+    h = loaded.refiner.register_forward_pre_hook(lambda m, a, k: seen.append(int(a[1].flatten()[0])), with_kwargs=True)
+    try:
+        imagen_lite.generate("a red circle", pipeline="dalle2", model=str(model), device="cpu", seed=0, size=16)
+        assert seen and all(t < 300 for t in seen)
+        seen.clear()
+        imagen_lite.generate("a red circle", pipeline="dalle2", model=str(model), device="cpu", seed=0, size=16, refiner_start=0)
+        assert seen == []
+    finally:
+        h.remove()

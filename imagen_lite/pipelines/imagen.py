@@ -186,14 +186,8 @@ class ImagenPipeline(DiffusionPipeline):
         patches (default: the base's ``unshuffle_factor``). ``model_input`` is the stage's scaled
         input (variance preserving x_t), its noisy image channels only; CFG rows run alike."""
         r = self.config.unshuffle_factor if factor is None else factor
-        base_type = prediction_type or self.scheduler.config.prediction_type
-        x = sampling.pixel_shuffle(model_input, r).to(self.refiner.dtype)
-        tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        a = self.refiner_scheduler.alphas_cumprod[int(t)].item()
-        out = self.refiner(x, tt, return_dict=False)[0]
-        x0 = sampling.x0_from_prediction(out, x, a, self.refiner_scheduler.config.prediction_type)
-        x0 = sampling.pixel_unshuffle(x0, r).to(model_input.dtype)
-        return sampling.prediction_from_x0(x0, model_input, a, base_type)
+        return refine_prediction(self.refiner, self.refiner_scheduler, model_input, t, r,
+                                 prediction_type or self.scheduler.config.prediction_type)  # fmt: skip
 
     # ------------------------------------------------------------------ call
     @inference_call
@@ -401,6 +395,20 @@ class ImagenPipeline(DiffusionPipeline):
 
         # 5. Post-process
         return finish(self, image, output_type, return_dict, stage_outputs, seconds, return_stage_outputs)
+
+
+def refine_prediction(refiner, refiner_scheduler, model_input: torch.Tensor, t, factor: int, prediction_type: str) -> torch.Tensor:
+    """A low-noise refiner's estimate of x0 at timestep ``t``, as the output a stage's UNet would
+    give: ``prediction_type`` on ``factor`` x ``factor`` pixel patches. ``model_input`` is the
+    stage's scaled input (variance preserving x_t), its noisy image channels only; CFG rows run
+    alike. Shared by both families (the DALL-E 2 decoder's refiner since the twenty-second session)."""
+    x = sampling.pixel_shuffle(model_input, factor).to(refiner.dtype)
+    tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+    a = refiner_scheduler.alphas_cumprod[int(t)].item()
+    out = refiner(x, tt, return_dict=False)[0]
+    x0 = sampling.x0_from_prediction(out, x, a, refiner_scheduler.config.prediction_type)
+    x0 = sampling.pixel_unshuffle(x0, factor).to(model_input.dtype)
+    return sampling.prediction_from_x0(x0, model_input, a, prediction_type)
 
 
 def check_refiner(refiner, refiner_scheduler, scheduler, max_timestep, stage: str = "base") -> None:

@@ -13,7 +13,10 @@ Components (registered under Karlo's names, so ``save_pretrained``/``from_pretra
 offloading work as in diffusers): ``tokenizer``, ``text_encoder`` (``CLIPTextModelWithProjection``),
 ``prior`` + ``prior_scheduler``, ``text_proj``
 (:class:`~imagen_lite.models.text_proj.UnCLIPTextProjection`), ``decoder`` + ``decoder_scheduler``,
-and optionally ``super_res_first`` + ``super_res_last`` + ``super_res_scheduler`` (64->256).
+and optionally ``super_res_first`` + ``super_res_last`` + ``super_res_scheduler`` (64->256),
+and ``refiner`` + ``refiner_scheduler``: a low-noise expert for the decoder, as ``ImagenPipeline``
+has for its base (an unconditional full-resolution ``UNet2DModel`` on the decoder's noise
+schedule; the call's ``refiner_start`` hands it the decoder's steps below that timestep).
 Karlo's weights load unchanged with :func:`from_karlo_repo`.
 
 Pipeline config (saved in ``model_index.json``):
@@ -21,6 +24,8 @@ Pipeline config (saved in ``model_index.json``):
   Imagen family's base does for the embedded default. Karlo uses 1.
 - ``coord_channels``: 0 (Karlo) or 2: x/y coordinate input channels after the decoder's noisy
   image, as ``ImagenPipeline``'s base (see there for why).
+- ``refiner_max_timestep``: the refiner trained on t in [0, this); ``refiner_start`` may not
+  exceed it. 0 without a refiner.
 
 Classifier-free guidance is decided per stage (``guidance_scale > 1``); the prior's
 unconditional input is the empty (or negative) prompt, the decoder's is that prompt plus the
@@ -47,6 +52,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import runtime, sampling
 from ..models.text_proj import UnCLIPTextProjection
 from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, is_guidance_scale, load_scheduler, per_stage, per_stage_intervals, run_finite, timed, tokenize
+from .imagen import check_refiner, refine_prediction
 from .speed import reuse_constant_inputs
 
 
@@ -84,9 +90,9 @@ class UnCLIPLitePipeline(DiffusionPipeline):
 
     # the prior's clip_mean/clip_std are used outside forward (post_process_latents), so it
     # stays out of model CPU offload, as in diffusers' UnCLIPPipeline
-    model_cpu_offload_seq = "text_encoder->text_proj->decoder->super_res_first->super_res_last"
+    model_cpu_offload_seq = "text_encoder->text_proj->decoder->refiner->super_res_first->super_res_last"
     _exclude_from_cpu_offload = ["prior"]
-    _optional_components = ["super_res_first", "super_res_last", "super_res_scheduler"]
+    _optional_components = ["super_res_first", "super_res_last", "super_res_scheduler", "refiner", "refiner_scheduler"]
 
     def __init__(
         self,
@@ -100,11 +106,15 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         super_res_first=None,
         super_res_last=None,
         super_res_scheduler=None,
+        refiner=None,
+        refiner_scheduler=None,
         unshuffle_factor: int = 1,
         coord_channels: int = 0,
+        refiner_max_timestep: int = 0,
     ):
         super().__init__()
         check_coord_channels(coord_channels, decoder, "the decoder")
+        check_refiner(refiner, refiner_scheduler, decoder_scheduler, refiner_max_timestep, "decoder")
         sr = (super_res_first, super_res_last, super_res_scheduler)
         if any(c is not None for c in sr) and any(c is None for c in sr):
             raise ValueError(
@@ -122,8 +132,11 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             prior_scheduler=prior_scheduler,
             decoder_scheduler=decoder_scheduler,
             super_res_scheduler=super_res_scheduler,
+            refiner=refiner,
+            refiner_scheduler=refiner_scheduler,
         )
-        self.register_to_config(unshuffle_factor=int(unshuffle_factor), coord_channels=int(coord_channels))
+        self.register_to_config(unshuffle_factor=int(unshuffle_factor), coord_channels=int(coord_channels),
+                                refiner_max_timestep=int(refiner_max_timestep) if refiner is not None else 0)  # fmt: skip
 
     # ------------------------------------------------------------------ structure
     @property
@@ -152,6 +165,22 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             raise ValueError(f"size={size!r} cannot be produced by this cascade; its stages produce {sizes}")
         return sizes.index(size) + 2
 
+    # ------------------------------------------------------------------ refiner
+    def check_refiner_start(self, refiner_start) -> int:
+        """``refiner_start`` as an int timestep for the decoder; ValueError naming a value this
+        pipeline cannot run."""
+        if isinstance(refiner_start, bool) or not isinstance(refiner_start, int) or refiner_start < 0:
+            raise ValueError(f"refiner_start={refiner_start!r} must be a timestep, an int >= 0 (0: no refiner)")
+        if refiner_start and self.refiner is None:
+            raise ValueError(f"refiner_start={refiner_start!r} needs a pipeline with a refiner; this one has none "
+                             f"(use refiner_start=0)")  # fmt: skip
+        if refiner_start > self.config.get("refiner_max_timestep", 0):
+            raise ValueError(f"refiner_start={refiner_start} is above the timesteps this refiner was trained on: "
+                             f"use 0 to {self.config.refiner_max_timestep}")  # fmt: skip
+        if refiner_start:  # the decoder's scheduler may have been swapped since the pipeline was built
+            check_refiner(self.refiner, self.refiner_scheduler, self.decoder_scheduler, self.config.refiner_max_timestep, "decoder")
+        return refiner_start
+
     # ------------------------------------------------------------------ text
     @torch.no_grad()
     def encode_prompt(self, prompt: list[str], device=None) -> CLIPTextEmbeds:
@@ -179,6 +208,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         prior_candidates: int = 1,
         image_embeds: torch.Tensor | None = None,
         text_guidance_scale: float | None = None,
+        refiner_start: int = 0,
         prompt_embeds: CLIPTextEmbeds | tuple | None = None,
         negative_prompt_embeds: CLIPTextEmbeds | tuple | None = None,
         output_type: str = "pil",
@@ -219,9 +249,14 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 1.5x the decoder's work. Meant for a decoder trained with ``image_embed_dropout``
                 (``TrainConfig``), which has learned the caption-alone branch; it guides every
                 decoder step, so the decoder's ``guidance_interval`` must be (0, 1).
+            refiner_start: a timestep: the decoder's steps at timesteps below it run on the
+                pipeline's ``refiner`` (the low-noise expert, unconditional, so those steps take no
+                guidance) instead of the decoder. 0 (the default): none; at most the
+                ``refiner_max_timestep`` it was trained to.
             output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
         """
         # 1. Check inputs
+        refiner_start = self.check_refiner_start(refiner_start)
         if text_guidance_scale is not None and not is_guidance_scale(text_guidance_scale):
             raise ValueError(f"text_guidance_scale={text_guidance_scale!r} must be None or a number >= 0")
         check_output_type(output_type)
@@ -383,6 +418,10 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             x = x * scheduler.init_noise_sigma
 
             def model_fn(model_input, t, i):
+                if int(t) < refiner_start:  # every guidance branch alike: the refiner takes no condition
+                    out = refine_prediction(self.refiner, self.refiner_scheduler, model_input[:, : x.shape[1]], t, r,
+                                            scheduler.config.prediction_type)  # fmt: skip
+                    return torch.cat([out, out], dim=1) if decoder.config.out_channels == 2 * x.shape[1] else out
                 if dual:
                     out_u, out_t, out_c = decoder(
                         model_input.repeat(3, *([1] * (model_input.ndim - 1))), t, encoder_hidden_states=context,
@@ -409,7 +448,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             return sampling.pixel_shuffle(x, r).clamp(-1, 1)  # (N, 3, 64, 64)
 
         with timed(seconds, "decoder"):
-            image = run_finite("decoder", run_decoder, [self.decoder, self.text_proj], generator)
+            image = run_finite("decoder", run_decoder, [self.decoder, self.text_proj, self.refiner if refiner_start else None], generator)
         stage_outputs["decoder"] = image
 
         # 5. Super-resolution: bicubic upsample -> 256; super_res_first, then super_res_last for the last step
