@@ -14,6 +14,7 @@ Imagen family a dict ``{"base": ID_OR_DIR, "sr": [ID_OR_DIR, ...]}`` of IF-layou
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -138,9 +139,38 @@ def _load(pipeline: str, model, torch_dtype) -> Loaded:
         path = presets.check_model_dir(model, ("UnCLIPLitePipeline", "UnCLIPPipeline"))
         if presets.pipeline_class_of(path) == "UnCLIPPipeline":
             return Loaded(from_karlo_repo(str(path), torch_dtype=torch_dtype), presets.PRESETS["karlo"], description)
-        pipe = UnCLIPLitePipeline.from_pretrained(path, **runtime.dtype_kwargs(torch_dtype), use_safetensors=True)
+        shared = shared_refiner(path, torch_dtype)
+        pipe = UnCLIPLitePipeline.from_pretrained(path, **runtime.dtype_kwargs(torch_dtype), use_safetensors=True, **shared)
         preset = _dir_preset(path, pipeline, presets.DEFAULT_DALLE2)
     return Loaded(pipe, preset, description)
+
+
+SHARED_REFINER_KEY = "shared_refiner"
+
+
+def shared_refiner(path: Path, torch_dtype=None) -> dict:
+    """The refiner components a DALL-E 2 directory borrows from a sibling Imagen directory, as
+    ``from_pretrained`` keyword overrides (empty when its defaults file names none).
+
+    Decision (twenty-second session): the embedded DALL-E 2 default runs the Imagen default's
+    low-noise refiner on its decoder's last steps (an unconditional 64 px model of shapes renders,
+    on the same cosine schedule), and the package holds that refiner once: a copy would take the
+    weights over the issue's 40 MiB. The DALL-E 2 directory's ``imagen_lite_defaults.json`` names
+    the sibling (``"shared_refiner": "imagen"``); the refiner loads from there with plain diffusers
+    classes, and a directory saved from the loaded pipeline holds its own copy."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    sibling = presets.read_defaults(path).get(SHARED_REFINER_KEY)
+    if not sibling:
+        return {}
+    source = (Path(path).parent / sibling).resolve()
+    if not (source / "refiner" / "config.json").is_file():
+        raise ValueError(f"{str(path)!r} borrows its refiner from {str(source)!r} ({SHARED_REFINER_KEY}={sibling!r} in "
+                         f"{presets.DEFAULTS_FILE}), which has no refiner/")  # fmt: skip
+    index = json.loads((source / "model_index.json").read_text())
+    return dict(refiner=UNet2DModel.from_pretrained(source / "refiner", use_safetensors=True, **runtime.dtype_kwargs(torch_dtype)),
+                refiner_scheduler=DDPMScheduler.from_pretrained(source / "refiner_scheduler"),
+                refiner_max_timestep=int(index.get("refiner_max_timestep", 0)))  # fmt: skip
 
 
 def _dir_preset(path: Path, pipeline: str, fallback: presets.Preset) -> presets.Preset:

@@ -543,3 +543,35 @@ def test_a_saved_refiner_start_is_a_dalle2_default_of_generate(tmp_path):
         assert seen == []
     finally:
         h.remove()
+
+
+def test_a_dalle2_directory_can_borrow_the_refiner_of_a_sibling_imagen_directory(tmp_path):
+    """The embedded DALL-E 2 default holds no refiner of its own: its defaults file names the Imagen
+    directory beside it (``shared_refiner``), whose refiner the loader passes to ``from_pretrained``.
+    A sibling without one is named in the error."""
+    import imagen_lite
+    from imagen_lite import presets
+    from imagen_lite.models.tiny import build_tiny_imagen
+
+    _, plain = _tiny_unclip_with_refiner()
+    build_tiny_imagen(unshuffle_factor=2, with_refiner=True).save_pretrained(tmp_path / "imagen", safe_serialization=True)
+    plain.save_pretrained(tmp_path / "dalle2", safe_serialization=True)
+    assert not (tmp_path / "dalle2" / "refiner").exists()
+    defaults = {"num_inference_steps": [2, 4], "guidance_scale": [1.0, 1.0], "refiner_start": 300, "shared_refiner": "imagen"}
+    (tmp_path / "dalle2" / presets.DEFAULTS_FILE).write_text(json.dumps(defaults))
+    pipe = imagen_lite.load_pipeline("dalle2", model=str(tmp_path / "dalle2"), device="cpu")
+    from safetensors.torch import load_file
+
+    own = load_file(str(next((tmp_path / "imagen" / "refiner").glob("*.safetensors"))))
+    assert all(torch.equal(pipe.refiner.state_dict()[k], v) for k, v in own.items())
+    assert pipe.config.refiner_max_timestep == 300
+    seen = []
+    h = pipe.refiner.register_forward_pre_hook(lambda m, a, k: seen.append(int(a[1].flatten()[0])), with_kwargs=True)
+    try:
+        imagen_lite.generate("a red circle", pipeline="dalle2", model=str(tmp_path / "dalle2"), device="cpu", seed=0, size=16)
+    finally:
+        h.remove()
+    assert seen and all(t < 300 for t in seen)
+    (tmp_path / "dalle2" / presets.DEFAULTS_FILE).write_text(json.dumps({**defaults, "shared_refiner": "nowhere"}))
+    with pytest.raises(ValueError, match=r"borrows its refiner from .*nowhere.*which has no refiner/"):
+        imagen_lite.api.shared_refiner(tmp_path / "dalle2")
