@@ -34,7 +34,7 @@ from imagen_lite.sampling import check_guidance_interval, denoising_steps
 from imagen_lite.training.checkpoint import list_checkpoints
 from imagen_lite.training.default import (
     BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, export_base_checkpoint, export_cascade_carrying_sr, export_dalle2_checkpoint,
-    export_refiner_checkpoint, export_sr_checkpoint, lineage_name, record_recipe,
+    export_refiner_checkpoint, export_sr_checkpoint, lineage_name, read_training_state, recipe_of, record_recipe,
 )  # fmt: skip
 
 
@@ -101,14 +101,43 @@ def check_refiner_start(directory: Path, refiner_start) -> None:
                          f"(0 to {model_index.get('refiner_max_timestep', 0)})")  # fmt: skip
 
 
-def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1") -> Path:
+def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1", from_dir: Path | None = None) -> Path:
+    """The newest checkpoint of lineage ``recipe`` -- or ``from_dir``, a directory this script
+    exported earlier with ``--out`` (a checkpoint selected on the selection prompts that the cache,
+    keeping its last two, no longer holds) -- with ``defaults``, swapped into ``out``."""
+    check_shared_refiner(out, defaults)
     tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
-    export_dalle2_checkpoint(cache / lineage_name("dalle2", recipe), tmp, defaults=defaults, plan=DALLE2_PLANS[recipe])
     plan = DALLE2_PLANS[recipe]
+    if from_dir is None:
+        export_dalle2_checkpoint(cache / lineage_name("dalle2", recipe), tmp, defaults=defaults, plan=plan)
+    else:
+        state = read_training_state(from_dir)
+        if recipe_of(state, plan[-1]["stage"]) != recipe:
+            shutil.rmtree(tmp)
+            raise ValueError(f"--from-dir {from_dir}: its {plan[-1]['stage']} is lineage {recipe_of(state, plan[-1]['stage'])!r}, "
+                             f"not --recipe {recipe!r}")  # fmt: skip
+        shutil.copytree(from_dir, tmp, dirs_exist_ok=True)
+        (tmp / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
     # stages a fresh start brought trained (v3: v2's CLIP, prior and SR) keep their own lineage's record
     kept = {s for item in plan for s in (item.get("fresh") or {}).get("stages", ())}
     record_recipe(tmp, [s for s in [*(item["stage"] for item in plan), "sr"] if s not in kept], recipe)
     return swap_in(tmp, out)
+
+
+def check_shared_refiner(out: Path, defaults: dict) -> None:
+    """A DALL-E 2 default that borrows the sibling Imagen directory's refiner
+    (``imagen_lite.api.shared_refiner``) needs that refiner there, trained up to its ``refiner_start``."""
+    sibling = defaults.get("shared_refiner")
+    if not sibling:
+        return
+    index = out.parent / sibling / "model_index.json"
+    top = json.loads(index.read_text()).get("refiner_max_timestep", 0) if index.is_file() else 0
+    if not top:
+        raise ValueError(f"--refiner-start: the DALL-E 2 decoder borrows the refiner of {out.parent / sibling}, "
+                         f"which has none (ship the Imagen default with its refiner first)")  # fmt: skip
+    if defaults["refiner_start"] > top:
+        raise ValueError(f"--refiner-start {defaults['refiner_start']} is above the timesteps the refiner of "
+                         f"{out.parent / sibling} was trained on (0 to {top})")  # fmt: skip
 
 
 def main(argv=None):
@@ -129,7 +158,11 @@ def main(argv=None):
                         "prediction there (default: unset, every step)")  # fmt: skip
     p.add_argument("--refiner-start", default=None, metavar="T[,T...]",
                    help="imagen: add the newest refiner checkpoint (train_default/imagen-refiner); each stage's steps "
-                        "below this timestep (one per stage: base,sr) run on it (default: no refiner)")  # fmt: skip
+                        "below this timestep (one per stage: base,sr) run on it (default: no refiner); dalle2: one "
+                        "timestep, the decoder's steps below it run on the refiner of the Imagen directory beside "
+                        "the output (imagen_lite.api.shared_refiner)")  # fmt: skip
+    p.add_argument("--from-dir", type=Path, default=None,
+                   help="dalle2: ship this directory, exported earlier with --out, instead of the cache's newest checkpoint")
     p.add_argument("--base-dir", type=Path, default=None,
                    help="imagen, with --refiner-start: put the refiner on this exported cascade (e.g. the shipped "
                         "imagen_lite/weights/imagen) instead of exporting the base and SR from the cache")  # fmt: skip
@@ -166,9 +199,15 @@ def main(argv=None):
         except ValueError as err:
             p.error(f"--denoising-end {args.denoising_end}: {err}")
         defaults["denoising_end"] = args.denoising_end
-    if args.refiner_start is not None:
-        if args.family != "imagen":
-            p.error(f"--refiner-start {args.refiner_start} applies to --family imagen only (its base and SR stages)")
+    if args.refiner_start is not None and args.family == "dalle2":
+        try:
+            start = int(args.refiner_start)
+        except ValueError:
+            p.error(f"--refiner-start {args.refiner_start}: --family dalle2 takes one timestep (its decoder), such as 150")
+        if start < 1:
+            p.error(f"--refiner-start {args.refiner_start}: a timestep >= 1 (leave it out for no refiner)")
+        defaults.update(refiner_start=start, shared_refiner="imagen")
+    elif args.refiner_start is not None:
         try:
             starts = numbers(args.refiner_start, int)
         except ValueError:
@@ -180,6 +219,8 @@ def main(argv=None):
     if args.base_dir is not None and args.refiner_start is None:
         p.error("--base-dir is for --refiner-start (a refiner put on an exported cascade); "
                 "to change only the generation defaults use --defaults-only")  # fmt: skip
+    if args.from_dir is not None and (args.family != "dalle2" or not (args.from_dir / "model_index.json").is_file()):
+        p.error(f"--from-dir {args.from_dir}: a DALL-E 2 directory exported with --out is needed, and --family dalle2")
     if args.base_dir is not None and not (args.base_dir / "model_index.json").is_file():
         p.error(f"--base-dir {args.base_dir}: no model_index.json there (an exported Imagen cascade is needed)")
     lineages = BASE_RECIPES if args.family == "imagen" else DALLE2_PLANS
@@ -198,7 +239,7 @@ def main(argv=None):
         if args.family == "imagen":
             path = ship_imagen(args.cache, out, defaults, args.recipe, args.base_dir)
         else:
-            path = ship_dalle2(args.cache, out, defaults, args.recipe)
+            path = ship_dalle2(args.cache, out, defaults, args.recipe, args.from_dir)
     except (ValueError, FileNotFoundError) as err:  # e.g. no refiner checkpoint, a refiner_start it cannot run
         p.error(str(err))
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -575,3 +575,46 @@ def test_a_dalle2_directory_can_borrow_the_refiner_of_a_sibling_imagen_directory
     (tmp_path / "dalle2" / presets.DEFAULTS_FILE).write_text(json.dumps({**defaults, "shared_refiner": "nowhere"}))
     with pytest.raises(ValueError, match=r"borrows its refiner from .*nowhere.*which has no refiner/"):
         imagen_lite.api.shared_refiner(tmp_path / "dalle2")
+
+
+def test_ship_default_ships_an_exported_dalle2_directory_that_borrows_the_imagen_refiner(tmp_path, capsys):
+    """``ship_default.py --family dalle2 --from-dir DIR --refiner-start T``: a candidate exported
+    earlier goes into the package as it is, with defaults that run the sibling Imagen default's
+    refiner below T; a sibling without a refiner, a T above its training range, and a directory of
+    another lineage are refused before anything is written."""
+    import runpy
+
+    import imagen_lite
+    from imagen_lite import presets
+    from imagen_lite.models.tiny import build_tiny_imagen
+    from imagen_lite.training import default as D
+
+    _, plain = _tiny_unclip_with_refiner()
+    candidate = tmp_path / "candidate"
+    plain.save_pretrained(candidate, safe_serialization=True)
+    D.write_training_state(candidate, {"decoder": {"step": 16000, "cpu_hours": 3.5, "recipe": "v3", "config": {}},
+                                       "sr": {"step": 1500, "cpu_hours": 0.9, "recipe": "v2", "config": {}}})  # fmt: skip
+    package = tmp_path / "weights"
+    package.mkdir()
+    ship = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ship_default.py"), run_name="ship")
+    args = ["--family", "dalle2", "--recipe", "v3", "--from-dir", str(candidate), "--steps", "2,4,2", "--guidance", "1,1,1",
+            "--scheduler", "ddpm", "--refiner-start", "150", "--out", str(package / "dalle2")]  # fmt: skip
+    with pytest.raises(SystemExit):
+        ship["main"](args)  # no Imagen directory with a refiner beside it yet
+    assert "which has none" in capsys.readouterr().err and not (package / "dalle2").exists()
+    build_tiny_imagen(unshuffle_factor=2, with_refiner=True).save_pretrained(package / "imagen", safe_serialization=True)
+    with pytest.raises(SystemExit):
+        ship["main"]([*args[:-4], "--refiner-start", "301", *args[-2:]])
+    assert "above the timesteps the refiner" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ship["main"](["--recipe" if a == "--recipe" else ("v2" if a == "v3" else a) for a in args])
+    assert "is lineage 'v3', not --recipe 'v2'" in capsys.readouterr().err and not (package / "dalle2").exists()
+
+    ship["main"](args)
+    shipped = package / "dalle2"
+    assert presets.read_defaults(shipped)["refiner_start"] == 150 and presets.read_defaults(shipped)["shared_refiner"] == "imagen"
+    assert not (shipped / "refiner").exists()  # the package holds the refiner once
+    state = D.read_training_state(shipped)
+    assert (state["decoder"]["step"], state["decoder"]["recipe"], state["sr"]["recipe"]) == (16000, "v3", "v2")
+    pipe = imagen_lite.load_pipeline("dalle2", model=str(shipped), device="cpu")
+    assert pipe.refiner is not None and pipe.config.refiner_max_timestep == 300
