@@ -509,7 +509,7 @@ def test_the_decoder_hands_its_steps_below_refiner_start_to_the_refiner(tmp_path
 def test_bad_decoder_refiner_starts_are_named():
     pipe, plain = _tiny_unclip_with_refiner()
     kw = dict(num_inference_steps=(2, 2), num_stages=2, output_type="pt")
-    with pytest.raises(ValueError, match=r"refiner_start=301 is above the timesteps this refiner was trained on: use 0 to 300"):
+    with pytest.raises(ValueError, match=r"refiner_start for stage 'decoder' is 301, above the timesteps this refiner was trained on: use 0 to 300"):
         pipe("a red circle", refiner_start=301, **kw)
     with pytest.raises(ValueError, match=r"refiner_start=-1 must be a timestep"):
         pipe("a red circle", refiner_start=-1, **kw)

@@ -170,14 +170,7 @@ class ImagenPipeline(DiffusionPipeline):
         starts = per_stage(refiner_start, stages, "refiner_start", kind="timestep", model_stages=self.stage_names)
         schedulers = dict(zip(self.stage_names, (self.scheduler, self.sr_scheduler, self.sr_scheduler_2)))
         for stage, start in zip(stages, starts):
-            if start and self.refiner is None:
-                raise ValueError(f"refiner_start={refiner_start!r} needs a pipeline with a refiner; this one has none "
-                                 f"(use refiner_start=0)")  # fmt: skip
-            if start > self.config.get("refiner_max_timestep", 0):
-                raise ValueError(f"refiner_start for stage {stage!r} is {start}, above the timesteps this refiner was "
-                                 f"trained on: use 0 to {self.config.refiner_max_timestep}")  # fmt: skip
-            if start:
-                check_refiner(self.refiner, self.refiner_scheduler, schedulers[stage], self.config.refiner_max_timestep, stage)
+            check_refiner_stage(self, refiner_start, start, schedulers[stage], stage)
         return starts
 
     def _refine(self, model_input: torch.Tensor, t, factor: int | None = None, prediction_type: str | None = None) -> torch.Tensor:
@@ -409,6 +402,19 @@ def refine_prediction(refiner, refiner_scheduler, model_input: torch.Tensor, t, 
     x0 = sampling.x0_from_prediction(out, x, a, refiner_scheduler.config.prediction_type)
     x0 = sampling.pixel_unshuffle(x0, factor).to(model_input.dtype)
     return sampling.prediction_from_x0(x0, model_input, a, prediction_type)
+
+
+def check_refiner_stage(pipe, given, start: int, scheduler, stage: str) -> None:
+    """One stage's ``refiner_start`` (``given``: what the caller passed): ``pipe`` must have a
+    refiner, trained up to ``start``, on that stage's noise schedule (both families' pipelines)."""
+    if start and pipe.refiner is None:
+        raise ValueError(f"refiner_start={given!r} needs a pipeline with a refiner; this one has none "
+                         f"(use refiner_start=0)")  # fmt: skip
+    if start > pipe.config.get("refiner_max_timestep", 0):
+        raise ValueError(f"refiner_start for stage {stage!r} is {start}, above the timesteps this refiner was "
+                         f"trained on: use 0 to {pipe.config.refiner_max_timestep}")  # fmt: skip
+    if start:
+        check_refiner(pipe.refiner, pipe.refiner_scheduler, scheduler, pipe.config.refiner_max_timestep, stage)
 
 
 def check_refiner(refiner, refiner_scheduler, scheduler, max_timestep, stage: str = "base") -> None:

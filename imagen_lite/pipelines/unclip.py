@@ -52,7 +52,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import runtime, sampling
 from ..models.text_proj import UnCLIPTextProjection
 from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, is_guidance_scale, load_scheduler, per_stage, per_stage_intervals, run_finite, timed, tokenize
-from .imagen import check_refiner, refine_prediction
+from .imagen import check_refiner, check_refiner_stage, refine_prediction
 from .speed import reuse_constant_inputs
 
 
@@ -171,14 +171,8 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         pipeline cannot run."""
         if isinstance(refiner_start, bool) or not isinstance(refiner_start, int) or refiner_start < 0:
             raise ValueError(f"refiner_start={refiner_start!r} must be a timestep, an int >= 0 (0: no refiner)")
-        if refiner_start and self.refiner is None:
-            raise ValueError(f"refiner_start={refiner_start!r} needs a pipeline with a refiner; this one has none "
-                             f"(use refiner_start=0)")  # fmt: skip
-        if refiner_start > self.config.get("refiner_max_timestep", 0):
-            raise ValueError(f"refiner_start={refiner_start} is above the timesteps this refiner was trained on: "
-                             f"use 0 to {self.config.refiner_max_timestep}")  # fmt: skip
-        if refiner_start:  # the decoder's scheduler may have been swapped since the pipeline was built
-            check_refiner(self.refiner, self.refiner_scheduler, self.decoder_scheduler, self.config.refiner_max_timestep, "decoder")
+        # checked at each call: the decoder's scheduler may have been swapped since the pipeline was built
+        check_refiner_stage(self, refiner_start, refiner_start, self.decoder_scheduler, "decoder")
         return refiner_start
 
     # ------------------------------------------------------------------ text
