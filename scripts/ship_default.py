@@ -106,21 +106,23 @@ def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1", from
     exported earlier with ``--out`` (a checkpoint selected on the selection prompts that the cache,
     keeping its last two, no longer holds) -- with ``defaults``, swapped into ``out``."""
     check_shared_refiner(out, defaults)
-    tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
     plan = DALLE2_PLANS[recipe]
-    if from_dir is None:
-        export_dalle2_checkpoint(cache / lineage_name("dalle2", recipe), tmp, defaults=defaults, plan=plan)
-    else:
-        state = read_training_state(from_dir)
-        if recipe_of(state, plan[-1]["stage"]) != recipe:
-            shutil.rmtree(tmp)
-            raise ValueError(f"--from-dir {from_dir}: its {plan[-1]['stage']} is lineage {recipe_of(state, plan[-1]['stage'])!r}, "
-                             f"not --recipe {recipe!r}")  # fmt: skip
-        shutil.copytree(from_dir, tmp, dirs_exist_ok=True)
-        (tmp / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
-    # stages a fresh start brought trained (v3: v2's CLIP, prior and SR) keep their own lineage's record
-    kept = {s for item in plan for s in (item.get("fresh") or {}).get("stages", ())}
-    record_recipe(tmp, [s for s in [*(item["stage"] for item in plan), "sr"] if s not in kept], recipe)
+    if from_dir is not None and recipe_of(read_training_state(from_dir), plan[-1]["stage"]) != recipe:
+        raise ValueError(f"--from-dir {from_dir}: its {plan[-1]['stage']} is lineage "
+                         f"{recipe_of(read_training_state(from_dir), plan[-1]['stage'])!r}, not --recipe {recipe!r}")  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
+    try:
+        if from_dir is None:
+            export_dalle2_checkpoint(cache / lineage_name("dalle2", recipe), tmp, defaults=defaults, plan=plan)
+        else:
+            shutil.copytree(from_dir, tmp, dirs_exist_ok=True)
+            (tmp / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+        # stages a fresh start brought trained (v3: v2's CLIP, prior and SR) keep their own lineage's record
+        kept = {s for item in plan for s in (item.get("fresh") or {}).get("stages", ())}
+        record_recipe(tmp, [s for s in [*(item["stage"] for item in plan), "sr"] if s not in kept], recipe)
+    except BaseException:  # never leave a half-written directory beside the package's (e.g. no checkpoint)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return swap_in(tmp, out)
 
 

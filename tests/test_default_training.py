@@ -1014,5 +1014,11 @@ def test_ship_default_puts_the_refiner_on_an_exported_cascade(tmp_path, capsys):
         assert exit_info.value.code == 2 and why in capsys.readouterr().err
     assert not list(tmp_path.glob(".ship-*"))  # a refused refiner leaves no half-written directory
     with pytest.raises(SystemExit) as exit_info:
-        ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--refiner-start", "80"])
-    assert exit_info.value.code == 2 and "--refiner-start 80 applies to --family imagen only" in capsys.readouterr().err
+        ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--refiner-start", "80,120",
+                      "--out", str(tmp_path / "d2")])  # fmt: skip
+    assert exit_info.value.code == 2 and "--family dalle2 takes one timestep (its decoder)" in capsys.readouterr().err
+    # a DALL-E 2 ship with nothing to export (an empty cache) leaves no half-written directory either
+    with pytest.raises(SystemExit) as exit_info:
+        ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--cache", str(tmp_path / "empty"),
+                      "--out", str(tmp_path / "d2")])  # fmt: skip
+    assert exit_info.value.code == 2 and not list(tmp_path.glob(".ship-*")) and not (tmp_path / "d2").exists()
