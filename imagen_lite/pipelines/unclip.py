@@ -413,9 +413,8 @@ class UnCLIPLitePipeline(DiffusionPipeline):
 
             def model_fn(model_input, t, i):
                 if int(t) < refiner_start:  # every guidance branch alike: the refiner takes no condition
-                    out = refine_prediction(self.refiner, self.refiner_scheduler, model_input[:, : x.shape[1]], t, r,
-                                            scheduler.config.prediction_type)  # fmt: skip
-                    return torch.cat([out, out], dim=1) if decoder.config.out_channels == 2 * x.shape[1] else out
+                    return refine_prediction(self.refiner, self.refiner_scheduler, model_input[:, : x.shape[1]], t, r,
+                                             scheduler.config.prediction_type)  # fmt: skip
                 if dual:
                     out_u, out_t, out_c = decoder(
                         model_input.repeat(3, *([1] * (model_input.ndim - 1))), t, encoder_hidden_states=context,
