@@ -107,9 +107,9 @@ def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1", from
     keeping its last two, no longer holds) -- with ``defaults``, swapped into ``out``."""
     check_shared_refiner(out, defaults)
     plan = DALLE2_PLANS[recipe]
-    if from_dir is not None and recipe_of(read_training_state(from_dir), plan[-1]["stage"]) != recipe:
-        raise ValueError(f"--from-dir {from_dir}: its {plan[-1]['stage']} is lineage "
-                         f"{recipe_of(read_training_state(from_dir), plan[-1]['stage'])!r}, not --recipe {recipe!r}")  # fmt: skip
+    have = recipe_of(read_training_state(from_dir), plan[-1]["stage"]) if from_dir is not None else recipe
+    if have != recipe:
+        raise ValueError(f"--from-dir {from_dir}: its {plan[-1]['stage']} is lineage {have!r}, not --recipe {recipe!r}")
     tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
     try:
         if from_dir is None:
@@ -132,14 +132,11 @@ def check_shared_refiner(out: Path, defaults: dict) -> None:
     sibling = defaults.get("shared_refiner")
     if not sibling:
         return
-    index = out.parent / sibling / "model_index.json"
-    top = json.loads(index.read_text()).get("refiner_max_timestep", 0) if index.is_file() else 0
-    if not top:
-        raise ValueError(f"--refiner-start: the DALL-E 2 decoder borrows the refiner of {out.parent / sibling}, "
+    source = out.parent / sibling
+    if not (source / "refiner").is_dir() or not (source / "model_index.json").is_file():
+        raise ValueError(f"--refiner-start: the DALL-E 2 decoder borrows the refiner of {source}, "
                          f"which has none (ship the Imagen default with its refiner first)")  # fmt: skip
-    if defaults["refiner_start"] > top:
-        raise ValueError(f"--refiner-start {defaults['refiner_start']} is above the timesteps the refiner of "
-                         f"{out.parent / sibling} was trained on (0 to {top})")  # fmt: skip
+    check_refiner_start(source, defaults["refiner_start"])
 
 
 def main(argv=None):
