@@ -304,9 +304,9 @@ def check_call_kwargs(pipeline: str, kwargs: dict) -> None:
 
 def family_call_defaults(pipeline: str, preset: presets.Preset) -> dict:
     """The pipeline-call keywords a model's preset fills in when the caller gives none: its
-    ``guidance_interval``, for DALL-E 2 a saved ``text_guidance_scale``, and for the Imagen family
-    its :data:`IMAGEN_ONLY_KWARGS` (``denoising_end`` and ``refiner_start`` only where its defaults
-    file saves them)."""
+    ``guidance_interval``, for DALL-E 2 a saved ``text_guidance_scale`` and ``refiner_start``, and
+    for the Imagen family its :data:`IMAGEN_ONLY_KWARGS` and ``refiner_start`` (``denoising_end`` and
+    ``refiner_start`` only where its defaults file saves them)."""
     if pipeline != "imagen":  # a saved text_guidance_scale (three-branch decoder guidance) / refiner_start are dalle2 defaults too
         saved = {k: preset.extra.get(k) for k in ("text_guidance_scale", "refiner_start")}
         return {"guidance_interval": preset.guidance_interval, **{k: v for k, v in saved.items() if v is not None}}
