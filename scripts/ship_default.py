@@ -12,6 +12,9 @@ with no SR of its own carries the shipped SR; v3 is an Imagen-only lineage), ``-
 dalle2: the newest decoder checkpoint of the chained run (``train_default/dalle2``) on top of
 its sr stage's pipeline (CLIP, prior, text_proj, SR) -> ``imagen_lite/weights/dalle2``, with
 its CLIP vision tower (``image_encoder/``) for ``encode_images`` and CLIP scores.
+``--sr-from RUN`` puts the SR UNets of an ``imagen-lite train --family dalle2 --stage sr`` run
+in instead (the twenty-third session's full-size fine-tune of the shipped SR; its steps and wall
+hours are added to the SR record).
 
 Weights are written in float16 safetensors; ``training_state.json`` records each stage's
 steps, wall hours and recipe (a new machine's training run starts from it, see
@@ -34,7 +37,8 @@ from imagen_lite.sampling import check_guidance_interval, denoising_steps
 from imagen_lite.training.checkpoint import list_checkpoints
 from imagen_lite.training.default import (
     BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, export_base_checkpoint, export_cascade_carrying_sr, export_dalle2_checkpoint,
-    export_refiner_checkpoint, export_sr_checkpoint, lineage_name, read_training_state, recipe_of, record_recipe,
+    export_refiner_checkpoint, export_sr_checkpoint, lineage_name, put_sr_run, read_training_state, recipe_of,
+    record_recipe,
 )  # fmt: skip
 
 
@@ -101,10 +105,13 @@ def check_refiner_start(directory: Path, refiner_start) -> None:
                          f"(0 to {model_index.get('refiner_max_timestep', 0)})")  # fmt: skip
 
 
-def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1", from_dir: Path | None = None) -> Path:
+def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1", from_dir: Path | None = None,
+                sr_from: Path | None = None) -> Path:
     """The newest checkpoint of lineage ``recipe`` -- or ``from_dir``, a directory this script
     exported earlier with ``--out`` (a checkpoint selected on the selection prompts that the cache,
-    keeping its last two, no longer holds) -- with ``defaults``, swapped into ``out``."""
+    keeping its last two, no longer holds) -- with ``defaults``, swapped into ``out``; ``sr_from``:
+    the SR UNets of an ``imagen-lite train --family dalle2 --stage sr`` run replace its SR
+    (``imagen_lite.training.default.put_sr_run``)."""
     check_shared_refiner(out, defaults)
     plan = DALLE2_PLANS[recipe]
     have = recipe_of(read_training_state(from_dir), plan[-1]["stage"]) if from_dir is not None else recipe
@@ -120,6 +127,8 @@ def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1", from
         # stages a fresh start brought trained (v3: v2's CLIP, prior and SR) keep their own lineage's record
         kept = {s for item in plan for s in (item.get("fresh") or {}).get("stages", ())}
         record_recipe(tmp, [s for s in [*(item["stage"] for item in plan), "sr"] if s not in kept], recipe)
+        if sr_from is not None:
+            put_sr_run(tmp, sr_from, recipe)
     except BaseException:  # never leave a half-written directory beside the package's (e.g. no checkpoint)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -162,6 +171,10 @@ def main(argv=None):
                         "the output (imagen_lite.api.shared_refiner)")  # fmt: skip
     p.add_argument("--from-dir", type=Path, default=None,
                    help="dalle2: ship this directory, exported earlier with --out, instead of the cache's newest checkpoint")
+    p.add_argument("--sr-from", type=Path, default=None,
+                   help="dalle2: take the SR UNets from this `imagen-lite train --family dalle2 --stage sr` output (a run "
+                        "started from a shipped DALL-E 2 directory and trained in one call: its steps and wall hours are "
+                        "added to that directory's SR record)")  # fmt: skip
     p.add_argument("--base-dir", type=Path, default=None,
                    help="imagen, with --refiner-start: put the refiner on this exported cascade (e.g. the shipped "
                         "imagen_lite/weights/imagen) instead of exporting the base and SR from the cache")  # fmt: skip
@@ -220,6 +233,8 @@ def main(argv=None):
                 "to change only the generation defaults use --defaults-only")  # fmt: skip
     if args.from_dir is not None and (args.family != "dalle2" or not (args.from_dir / "model_index.json").is_file()):
         p.error(f"--from-dir {args.from_dir}: a DALL-E 2 directory exported with --out is needed, and --family dalle2")
+    if args.sr_from is not None and args.family != "dalle2":
+        p.error(f"--sr-from {args.sr_from} applies to --family dalle2 only (an `imagen-lite train --family dalle2 --stage sr` run)")
     if args.base_dir is not None and not (args.base_dir / "model_index.json").is_file():
         p.error(f"--base-dir {args.base_dir}: no model_index.json there (an exported Imagen cascade is needed)")
     lineages = BASE_RECIPES if args.family == "imagen" else DALLE2_PLANS
@@ -238,7 +253,7 @@ def main(argv=None):
         if args.family == "imagen":
             path = ship_imagen(args.cache, out, defaults, args.recipe, args.base_dir)
         else:
-            path = ship_dalle2(args.cache, out, defaults, args.recipe, args.from_dir)
+            path = ship_dalle2(args.cache, out, defaults, args.recipe, args.from_dir, args.sr_from)
     except (ValueError, FileNotFoundError) as err:  # e.g. no refiner checkpoint, a refiner_start it cannot run
         p.error(str(err))
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

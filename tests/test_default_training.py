@@ -1022,3 +1022,61 @@ def test_ship_default_puts_the_refiner_on_an_exported_cascade(tmp_path, capsys):
         ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--cache", str(tmp_path / "empty"),
                       "--out", str(tmp_path / "d2")])  # fmt: skip
     assert exit_info.value.code == 2 and not list(tmp_path.glob(".ship-*")) and not (tmp_path / "d2").exists()
+
+
+def test_ship_default_puts_a_finetuned_sr_run_into_the_dalle2_default(tmp_path, capsys):
+    """``ship_default.py --family dalle2 --sr-from RUN``: the SR UNets of an ``imagen-lite train
+    --family dalle2 --stage sr`` run replace the candidate's (float16), the decoder stays, and the
+    SR record counts on from the run's start (steps and wall hours added); shipping the run into
+    its own start directory again counts from the record before it. A run of another stage, one
+    with no pipeline written yet, and --sr-from for the Imagen family are refused."""
+    import runpy
+
+    from imagen_lite.training.config import TrainConfig
+    from imagen_lite.training.loop import train
+
+    donor = _tiny_dalle2_donor(tmp_path, sr={"step": 3, "cpu_hours": 0.25, "recipe": "v2", "config": {}})
+    state = D.read_training_state(donor)
+    D.write_training_state(donor, {"decoder": {**state["decoder"], "recipe": "v3"}})
+    cfg = TrainConfig(family="dalle2", stage="sr", model=str(donor), data="shapes", out=str(tmp_path / "run"), max_steps=2,
+                      batch_size=2, lr=1e-3, warmup_steps=0, ema_decay=None, checkpoint_every=1, log_every=1, sr_crop=(16, 16))  # fmt: skip
+    ship = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ship_default.py"), run_name="ship")
+    out = tmp_path / "weights" / "dalle2"
+    out.parent.mkdir()
+    args = ["--family", "dalle2", "--recipe", "v3", "--from-dir", str(donor), "--steps", "2,2,2", "--guidance", "1,1,1",
+            "--sr-from", str(tmp_path / "run"), "--out", str(out)]  # fmt: skip
+
+    train(cfg.replace(stop_at=1))  # checkpointed, no pipeline written yet
+    with pytest.raises(SystemExit):
+        ship["main"](args)
+    assert "no super_res_first/ and super_res_last/ written there yet" in capsys.readouterr().err and not out.exists()
+    assert not list(out.parent.glob(".ship-*"))
+    run = train(cfg)
+    with pytest.raises(SystemExit):
+        ship["main"](["--family", "imagen", *args[2:]])
+    assert "--sr-from" in capsys.readouterr().err and not out.exists()
+    decoder_run = tmp_path / "decoder_run"
+    decoder_run.mkdir()
+    (decoder_run / "train_config.json").write_text(json.dumps({"family": "dalle2", "stage": "decoder"}))
+    with pytest.raises(SystemExit):
+        ship["main"]([*args[:-3], str(decoder_run), *args[-2:]])
+    assert "stage='decoder'" in capsys.readouterr().err and not out.exists()
+
+    ship["main"](args)
+    seconds = torch.load(list_checkpoints(run / "checkpoints")[-1] / "state.pt", weights_only=True)["extra"]["run_seconds"]
+    record = D.read_training_state(out)["sr"]
+    assert (record["step"], record["recipe"], record["config"]["finetuned_from"]) == (5, "v3", {"step": 3, "cpu_hours": 0.25, "recipe": "v2"})
+    assert record["cpu_hours"] == pytest.approx(0.25 + seconds / 3600, abs=1e-4) and seconds > 0
+    assert record["config"]["run"]["sr_crop"] == [16, 16]
+    for name in ("super_res_first", "super_res_last"):
+        new, trained = load_file(str(out / name / "diffusion_pytorch_model.safetensors")), load_file(str(run / name / "diffusion_pytorch_model.safetensors"))
+        assert all(v.dtype == torch.float16 and torch.equal(v, trained[k].half()) for k, v in new.items())
+        assert not all(torch.equal(v, w) for v, w in zip(new.values(), load_file(str(donor / name / "diffusion_pytorch_model.safetensors")).values()))
+    assert all(torch.equal(v, w) for v, w in zip(load_file(str(out / "decoder" / "diffusion_pytorch_model.safetensors")).values(),
+                                                 load_file(str(donor / "decoder" / "diffusion_pytorch_model.safetensors")).values()))  # fmt: skip
+    images = imagen_lite.generate("a red circle", pipeline="dalle2", model=str(out), device="cpu", seed=0, size=32)
+    assert [im.size for im in images] == [(32, 32)]
+
+    for _ in range(2):  # the run shipped into its own start directory, twice: the count does not grow
+        D.put_sr_run(donor, run, "v3")
+        assert D.read_training_state(donor)["sr"]["step"] == 5
