@@ -12,9 +12,11 @@ with no SR of its own carries the shipped SR; v3 is an Imagen-only lineage), ``-
 dalle2: the newest decoder checkpoint of the chained run (``train_default/dalle2``) on top of
 its sr stage's pipeline (CLIP, prior, text_proj, SR) -> ``imagen_lite/weights/dalle2``, with
 its CLIP vision tower (``image_encoder/``) for ``encode_images`` and CLIP scores.
-``--sr-from RUN`` puts the SR UNets of an ``imagen-lite train --family dalle2 --stage sr`` run
-in instead (the twenty-third session's full-size fine-tune of the shipped SR; its steps and wall
-hours are added to the SR record).
+``--sr-from RUN`` puts the SR UNet(s) of an ``imagen-lite train --family F --stage sr`` run in
+instead, for either family (the twenty-third session's full-canvas fine-tunes of the shipped
+SRs; their steps and wall hours are added to the SR record), e.g. on the shipped directory as it is:
+
+    python scripts/ship_default.py --family imagen --from-dir imagen_lite/weights/imagen --sr-from RUN --steps 25,10 ...
 
 Weights are written in float16 safetensors; ``training_state.json`` records each stage's
 steps, wall hours and recipe (a new machine's training run starts from it, see
@@ -66,16 +68,28 @@ def swap_in(tmp: Path, out: Path) -> Path:
     return out
 
 
-def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1", base_dir: Path | None = None) -> Path:
+def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1", base_dir: Path | None = None,
+                from_dir: Path | None = None, sr_from: Path | None = None) -> Path:
     """The base of ``recipe``'s lineage + its own SR; a lineage with no SR checkpoint of its own
     carries the shipped cascade's SR (``export_cascade_carrying_sr``). ``base_dir``: an exported
     cascade (e.g. the shipped one) to use as it is instead. With a ``refiner_start`` in
-    ``defaults``, the newest refiner checkpoint (``train_default/imagen-refiner``) goes on top."""
+    ``defaults``, the newest refiner checkpoint (``train_default/imagen-refiner``) goes on top.
+    ``from_dir``: a complete directory (e.g. the shipped one, refiner included) shipped as it is
+    with ``defaults``; ``sr_from``: the SR UNet of an ``imagen-lite train --family imagen --stage
+    sr`` run replaces its SR (``imagen_lite.training.default.put_sr_run``)."""
     sr_cache = cache / lineage_name("imagen-sr", recipe)
     start = defaults.get("refiner_start", 0)
     refiner = max(start if isinstance(start, list) else [start]) > 0
     tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
     try:
+        if from_dir is not None:
+            shutil.copytree(from_dir, tmp, dirs_exist_ok=True)
+            (tmp / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+            if refiner:
+                check_refiner_start(tmp, defaults["refiner_start"])
+            if sr_from is not None:
+                put_sr_run(tmp, sr_from)
+            return swap_in(tmp, out)
         with tempfile.TemporaryDirectory() as work:
             cascade = base_dir if base_dir is not None else Path(work) / "cascade" if refiner else tmp
             if base_dir is None:
@@ -89,6 +103,8 @@ def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1", base
             if refiner:
                 export_refiner_checkpoint(cache / "imagen-refiner", cascade, tmp, defaults=defaults)
                 check_refiner_start(tmp, defaults["refiner_start"])
+            if sr_from is not None:
+                put_sr_run(tmp, sr_from)
     except BaseException:  # never leave a half-written directory beside the package's
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -170,11 +186,13 @@ def main(argv=None):
                         "timestep, the decoder's steps below it run on the refiner of the Imagen directory beside "
                         "the output (imagen_lite.api.shared_refiner)")  # fmt: skip
     p.add_argument("--from-dir", type=Path, default=None,
-                   help="dalle2: ship this directory, exported earlier with --out, instead of the cache's newest checkpoint")
+                   help="ship this directory as it is, with the new defaults, instead of exporting the cache's newest "
+                        "checkpoints (dalle2: one exported earlier with --out; imagen: a complete cascade, refiner "
+                        "included, such as the shipped imagen_lite/weights/imagen)")  # fmt: skip
     p.add_argument("--sr-from", type=Path, default=None,
-                   help="dalle2: take the SR UNets from this `imagen-lite train --family dalle2 --stage sr` output (a run "
-                        "started from a shipped DALL-E 2 directory and trained in one call: its steps and wall hours are "
-                        "added to that directory's SR record)")  # fmt: skip
+                   help="take the SR UNet(s) from this `imagen-lite train --family F --stage sr` output (a run started "
+                        "from a shipped directory of --family and trained in one call: its steps and wall hours are added "
+                        "to that directory's SR record)")  # fmt: skip
     p.add_argument("--base-dir", type=Path, default=None,
                    help="imagen, with --refiner-start: put the refiner on this exported cascade (e.g. the shipped "
                         "imagen_lite/weights/imagen) instead of exporting the base and SR from the cache")  # fmt: skip
@@ -231,10 +249,15 @@ def main(argv=None):
     if args.base_dir is not None and args.refiner_start is None:
         p.error("--base-dir is for --refiner-start (a refiner put on an exported cascade); "
                 "to change only the generation defaults use --defaults-only")  # fmt: skip
-    if args.from_dir is not None and (args.family != "dalle2" or not (args.from_dir / "model_index.json").is_file()):
-        p.error(f"--from-dir {args.from_dir}: a DALL-E 2 directory exported with --out is needed, and --family dalle2")
-    if args.sr_from is not None and args.family != "dalle2":
-        p.error(f"--sr-from {args.sr_from} applies to --family dalle2 only (an `imagen-lite train --family dalle2 --stage sr` run)")
+    if args.from_dir is not None and not (args.from_dir / "model_index.json").is_file():
+        p.error(f"--from-dir {args.from_dir}: no model_index.json there (a pipeline directory of --family {args.family} is needed)")
+    if args.from_dir is not None:
+        have = json.loads((args.from_dir / "model_index.json").read_text()).get("_class_name")
+        want = "ImagenPipeline" if args.family == "imagen" else "UnCLIPLitePipeline"
+        if have != want:
+            p.error(f"--from-dir {args.from_dir}: a {have}, not the {want} of --family {args.family}")
+    if args.from_dir is not None and args.base_dir is not None:
+        p.error("--from-dir ships a complete directory; --base-dir builds one from a cascade and the cache's refiner: pass one")
     if args.base_dir is not None and not (args.base_dir / "model_index.json").is_file():
         p.error(f"--base-dir {args.base_dir}: no model_index.json there (an exported Imagen cascade is needed)")
     lineages = BASE_RECIPES if args.family == "imagen" else DALLE2_PLANS
@@ -251,7 +274,7 @@ def main(argv=None):
         return
     try:
         if args.family == "imagen":
-            path = ship_imagen(args.cache, out, defaults, args.recipe, args.base_dir)
+            path = ship_imagen(args.cache, out, defaults, args.recipe, args.base_dir, args.from_dir, args.sr_from)
         else:
             path = ship_dalle2(args.cache, out, defaults, args.recipe, args.from_dir, args.sr_from)
     except (ValueError, FileNotFoundError) as err:  # e.g. no refiner checkpoint, a refiner_start it cannot run

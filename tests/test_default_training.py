@@ -1029,7 +1029,7 @@ def test_ship_default_puts_a_finetuned_sr_run_into_the_dalle2_default(tmp_path, 
     --family dalle2 --stage sr`` run replace the candidate's (float16), the decoder stays, and the
     SR record counts on from the run's start (steps and wall hours added); shipping the run into
     its own start directory again counts from the record before it. A run of another stage, one
-    with no pipeline written yet, and --sr-from for the Imagen family are refused."""
+    with no pipeline written yet, and a DALL-E 2 directory shipped as the Imagen default are refused."""
     import runpy
 
     from imagen_lite.training.config import TrainConfig
@@ -1054,7 +1054,7 @@ def test_ship_default_puts_a_finetuned_sr_run_into_the_dalle2_default(tmp_path, 
     run = train(cfg)
     with pytest.raises(SystemExit):
         ship["main"](["--family", "imagen", *args[2:]])
-    assert "--sr-from" in capsys.readouterr().err and not out.exists()
+    assert "a UnCLIPLitePipeline, not the ImagenPipeline of --family imagen" in capsys.readouterr().err and not out.exists()
     decoder_run = tmp_path / "decoder_run"
     decoder_run.mkdir()
     (decoder_run / "train_config.json").write_text(json.dumps({"family": "dalle2", "stage": "decoder"}))
@@ -1080,3 +1080,39 @@ def test_ship_default_puts_a_finetuned_sr_run_into_the_dalle2_default(tmp_path, 
     for _ in range(2):  # the run shipped into its own start directory, twice: the count does not grow
         D.put_sr_run(donor, run, "v3")
         assert D.read_training_state(donor)["sr"]["step"] == 5
+
+
+def test_ship_default_puts_a_finetuned_sr_run_into_the_imagen_default(tmp_path, capsys):
+    """``ship_default.py --family imagen --from-dir DIR --sr-from RUN``: DIR as it is (refiner
+    included) with new defaults, its SR UNet replaced by the run's (float16) and counted on in the
+    ``imagen-sr`` record, whose lineage stays DIR's; a DALL-E 2 SR run is refused for it."""
+    import runpy
+
+    from imagen_lite.models.tiny import build_tiny_imagen
+    from imagen_lite.training.config import TrainConfig
+    from imagen_lite.training.loop import train
+
+    start = tmp_path / "imagen"
+    build_tiny_imagen(unshuffle_factor=2, with_refiner=True).save_pretrained(start, safe_serialization=True)
+    D.write_training_state(start, {"imagen-sr": {"step": 1200, "cpu_hours": 0.69, "config": {}}})
+    run = train(TrainConfig(family="imagen", stage="sr", model=str(start), data="shapes", out=str(tmp_path / "run"), max_steps=2,
+                            batch_size=2, lr=1e-3, warmup_steps=0, ema_decay=None, checkpoint_every=1, log_every=1))  # fmt: skip
+    ship = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ship_default.py"), run_name="ship")
+    out = tmp_path / "weights" / "imagen"
+    out.parent.mkdir()
+    args = ["--family", "imagen", "--from-dir", str(start), "--sr-from", str(run), "--steps", "2,2", "--guidance", "1,1",
+            "--refiner-start", "80,0", "--out", str(out)]  # fmt: skip
+    ship["main"](args)
+    record = D.read_training_state(out)["imagen-sr"]
+    assert (record["step"], record["recipe"], record["config"]["finetuned_from"]["step"]) == (1202, "v1", 1200)
+    new, trained = load_file(str(out / "sr_unet" / "diffusion_pytorch_model.safetensors")), load_file(str(run / "sr_unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float16 and torch.equal(v, trained[k].half()) for k, v in new.items())
+    assert (out / "refiner").is_dir() and json.loads((out / "imagen_lite_defaults.json").read_text())["refiner_start"] == [80, 0]
+    images = imagen_lite.generate("a red circle", pipeline="imagen", model=str(out), device="cpu", seed=0)
+    assert len(images) == 1
+
+    dalle2_run = tmp_path / "dalle2_run"
+    dalle2_run.mkdir()
+    (dalle2_run / "train_config.json").write_text(json.dumps({"family": "dalle2", "stage": "sr"}))
+    with pytest.raises(ValueError, match="a dalle2 SR run, but .* is a ImagenPipeline"):
+        D.put_sr_run(out, dalle2_run)

@@ -1480,55 +1480,65 @@ def dalle2_training_state(cache: Path, plan=DALLE2_PLAN) -> dict:
     return state
 
 
-SR_RUN_FIELDS = ("model", "max_steps", "batch_size", "lr", "warmup_steps", "sr_crop", "ema_decay", "mixed_precision", "seed")
+SR_RUN_FIELDS = ("model", "max_steps", "batch_size", "lr", "warmup_steps", "sr_crop", "ema_decay", "mixed_precision",
+                 "caption_dropout", "sr_noise_level_max", "seed")  # fmt: skip
+# per family: the pipeline class, the SR components (their diffusers class) and the SR's training-state record
+SR_PARTS = {"dalle2": ("UnCLIPLitePipeline", {"super_res_first": "UNet2DModel", "super_res_last": "UNet2DModel"}, "sr"),
+            "imagen": ("ImagenPipeline", {"sr_unet": "UNet2DConditionModel"}, "imagen-sr")}  # fmt: skip
 
 
-def put_sr_run(directory, sr_run, recipe: str) -> dict:
-    """Put the SR UNets of ``sr_run`` into the DALL-E 2 pipeline ``directory`` (float16) and record
-    them; returns the new ``"sr"`` record of its ``training_state.json``.
+def put_sr_run(directory, sr_run, recipe: str | None = None) -> dict:
+    """Put the SR UNet(s) of ``sr_run`` into the pipeline ``directory`` of the same family
+    (float16) and record them; returns the SR's new record in its ``training_state.json``
+    (``"sr"`` for DALL-E 2, ``"imagen-sr"`` for Imagen).
 
-    ``sr_run`` is the output folder of ``imagen-lite train --family dalle2 --stage sr --model M``
-    with its pipeline written (the run reached ``--max-steps``, or was exported at a checkpoint by
+    ``sr_run`` is the output folder of ``imagen-lite train --family F --stage sr --model M`` with
+    its pipeline written (the run reached ``--max-steps``, or was exported at a checkpoint by
     rerunning the command with ``--max-steps STEP --resume DIR/checkpoints/step_STEP``). M must be
-    a DALL-E 2 directory with an ``"sr"`` record (the shipped default): the SR keeps counting from
+    a directory of that family with an SR record (the shipped default): the SR keeps counting from
     it, step = M's + the run's newest checkpoint's, wall hours = M's + that checkpoint's
     ``run_seconds`` (the wall time of the call that wrote it: a run trained in one call, as
-    ``ship_default.py --sr-from`` documents). Shipping the same run again into M itself counts from
-    M's record before it (kept in the record's ``finetuned_from``). Why a generic run and not a ``train_default`` stage:
-    the twenty-third session's fine-tune of the shipped SR at full size (docs/model_card.md) is one
-    short run of the user-facing fine-tuning command, which already resumes and checkpoints. The
-    SR is text-free, so it composes with any decoder. Checked before ``directory`` is touched."""
-    from diffusers import UNet2DModel
+    ``ship_default.py --sr-from`` documents). ``recipe``: the record's lineage (default: M's).
+    Shipping the same run again into M itself counts from M's record before it (kept in the
+    record's ``finetuned_from``). Why a generic run and not a ``train_default`` stage: the
+    twenty-third session's fine-tunes of the shipped SRs on full canvases (docs/model_card.md) are
+    short runs of the user-facing fine-tuning command, which already resumes and checkpoints.
+    Checked before ``directory`` is touched."""
+    import diffusers
 
     from .loop import CONFIG_FILE
 
-    sr_run = Path(sr_run)
+    sr_run, directory = Path(sr_run), Path(directory)
     config = _read_json(sr_run / CONFIG_FILE)
-    if (config.get("family"), config.get("stage")) != ("dalle2", "sr"):
-        raise ValueError(f"--sr-from {sr_run}: not the output of `imagen-lite train --family dalle2 --stage sr` "
-                         f"(its {CONFIG_FILE} says family={config.get('family')!r}, stage={config.get('stage')!r})")  # fmt: skip
-    if not all((sr_run / name / "config.json").is_file() for name in ("super_res_first", "super_res_last")):
-        raise ValueError(f"--sr-from {sr_run}: no super_res_first/ and super_res_last/ written there yet; export a "
+    family = config.get("family")
+    if config.get("stage") != "sr" or family not in SR_PARTS:
+        raise ValueError(f"--sr-from {sr_run}: not the output of `imagen-lite train --family imagen|dalle2 --stage sr` "
+                         f"(its {CONFIG_FILE} says family={family!r}, stage={config.get('stage')!r})")  # fmt: skip
+    pipeline_class, parts, key = SR_PARTS[family]
+    have = _read_json(directory / "model_index.json").get("_class_name")
+    if have != pipeline_class:
+        raise ValueError(f"--sr-from {sr_run}: a {family} SR run, but {str(directory)!r} is a {have} (a {pipeline_class} is needed)")
+    if not all((sr_run / name / "config.json").is_file() for name in parts):
+        raise ValueError(f"--sr-from {sr_run}: no {' and '.join(n + '/' for n in parts)} written there yet; export a "
                          f"checkpoint by rerunning its command with --max-steps STEP --resume {sr_run}/checkpoints/step_STEP")  # fmt: skip
-    start = read_training_state(config.get("model", "")).get("sr")
+    start = read_training_state(config.get("model", "")).get(key)
     if start is not None and start.get("config", {}).get("source") == str(sr_run.resolve()):
         start = start["config"]["finetuned_from"]  # M is the directory this run was shipped into: count from before
     if start is None:
         raise ValueError(f"--sr-from {sr_run}: it started from {config.get('model')!r}, which has no {TRAINING_STATE_FILE} "
-                         f"'sr' record to count its steps and hours from (start the run from a shipped DALL-E 2 directory)")  # fmt: skip
+                         f"{key!r} record to count its steps and hours from (start the run from a shipped {family} directory)")  # fmt: skip
     ckpts = list_checkpoints(sr_run / "checkpoints")
     if not ckpts:
         raise ValueError(f"--sr-from {sr_run}: no checkpoint under {sr_run / 'checkpoints'} to read its step and hours from")
     state = torch.load(ckpts[-1] / "state.pt", weights_only=True)
     hours = float(state.get("extra", {}).get("run_seconds", 0.0)) / 3600
     record = {"step": int(start["step"]) + int(state["step"]), "cpu_hours": round(float(start.get("cpu_hours", 0.0)) + hours, 4),
-              "recipe": recipe,
+              "recipe": recipe or recipe_of({key: start}, key),
               "config": {"finetuned_from": {k: start[k] for k in ("step", "cpu_hours", "recipe") if k in start},
                          "source": str(sr_run.resolve()), "run": {k: config[k] for k in SR_RUN_FIELDS if k in config}}}  # fmt: skip
-    directory = Path(directory)
-    for name in ("super_res_first", "super_res_last"):
-        unet = UNet2DModel.from_pretrained(sr_run / name, torch_dtype=torch.float32)
+    for name, cls in parts.items():
+        unet = getattr(diffusers, cls).from_pretrained(sr_run / name, torch_dtype=torch.float32)
         shutil.rmtree(directory / name, ignore_errors=True)
         unet.to(torch.float16).save_pretrained(directory / name, safe_serialization=True)
-    write_training_state(directory, {"sr": record})
+    write_training_state(directory, {key: record})
     return record
