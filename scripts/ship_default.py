@@ -68,6 +68,12 @@ def swap_in(tmp: Path, out: Path) -> Path:
     return out
 
 
+def copy_with_defaults(from_dir: Path, tmp: Path, defaults: dict) -> None:
+    """A ``--from-dir`` ship: the directory as it is, with the new generation defaults."""
+    shutil.copytree(from_dir, tmp, dirs_exist_ok=True)
+    (tmp / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+
+
 def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1", base_dir: Path | None = None,
                 from_dir: Path | None = None, sr_from: Path | None = None) -> Path:
     """The base of ``recipe``'s lineage + its own SR; a lineage with no SR checkpoint of its own
@@ -83,28 +89,25 @@ def ship_imagen(cache: Path, out: Path, defaults: dict, recipe: str = "v1", base
     tmp = Path(tempfile.mkdtemp(prefix=".ship-", dir=out.parent))
     try:
         if from_dir is not None:
-            shutil.copytree(from_dir, tmp, dirs_exist_ok=True)
-            (tmp / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+            copy_with_defaults(from_dir, tmp, defaults)
             if refiner:
                 check_refiner_start(tmp, defaults["refiner_start"])
-            if sr_from is not None:
-                put_sr_run(tmp, sr_from)
-            return swap_in(tmp, out)
-        with tempfile.TemporaryDirectory() as work:
-            cascade = base_dir if base_dir is not None else Path(work) / "cascade" if refiner else tmp
-            if base_dir is None:
-                base = export_base_checkpoint(cache / lineage_name("imagen-base", recipe), Path(work) / "base")
-                if recipe != "v1" and not list_checkpoints(sr_cache):
-                    export_cascade_carrying_sr(base, presets.WEIGHTS_DIR / "imagen", cascade, defaults=defaults)
-                    record_recipe(cascade, ["imagen-base"], recipe)  # the carried SR keeps its own lineage's record
-                else:
-                    export_sr_checkpoint(sr_cache, base, cascade, defaults=defaults)
-                    record_recipe(cascade, ["imagen-base", "imagen-sr"], recipe)
-            if refiner:
-                export_refiner_checkpoint(cache / "imagen-refiner", cascade, tmp, defaults=defaults)
-                check_refiner_start(tmp, defaults["refiner_start"])
-            if sr_from is not None:
-                put_sr_run(tmp, sr_from)
+        else:
+            with tempfile.TemporaryDirectory() as work:
+                cascade = base_dir if base_dir is not None else Path(work) / "cascade" if refiner else tmp
+                if base_dir is None:
+                    base = export_base_checkpoint(cache / lineage_name("imagen-base", recipe), Path(work) / "base")
+                    if recipe != "v1" and not list_checkpoints(sr_cache):
+                        export_cascade_carrying_sr(base, presets.WEIGHTS_DIR / "imagen", cascade, defaults=defaults)
+                        record_recipe(cascade, ["imagen-base"], recipe)  # the carried SR keeps its own lineage's record
+                    else:
+                        export_sr_checkpoint(sr_cache, base, cascade, defaults=defaults)
+                        record_recipe(cascade, ["imagen-base", "imagen-sr"], recipe)
+                if refiner:
+                    export_refiner_checkpoint(cache / "imagen-refiner", cascade, tmp, defaults=defaults)
+                    check_refiner_start(tmp, defaults["refiner_start"])
+        if sr_from is not None:
+            put_sr_run(tmp, sr_from)
     except BaseException:  # never leave a half-written directory beside the package's
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -138,8 +141,7 @@ def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1", from
         if from_dir is None:
             export_dalle2_checkpoint(cache / lineage_name("dalle2", recipe), tmp, defaults=defaults, plan=plan)
         else:
-            shutil.copytree(from_dir, tmp, dirs_exist_ok=True)
-            (tmp / presets.DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+            copy_with_defaults(from_dir, tmp, defaults)
         # stages a fresh start brought trained (v3: v2's CLIP, prior and SR) keep their own lineage's record
         kept = {s for item in plan for s in (item.get("fresh") or {}).get("stages", ())}
         record_recipe(tmp, [s for s in [*(item["stage"] for item in plan), "sr"] if s not in kept], recipe)
@@ -249,9 +251,9 @@ def main(argv=None):
     if args.base_dir is not None and args.refiner_start is None:
         p.error("--base-dir is for --refiner-start (a refiner put on an exported cascade); "
                 "to change only the generation defaults use --defaults-only")  # fmt: skip
-    if args.from_dir is not None and not (args.from_dir / "model_index.json").is_file():
-        p.error(f"--from-dir {args.from_dir}: no model_index.json there (a pipeline directory of --family {args.family} is needed)")
     if args.from_dir is not None:
+        if not (args.from_dir / "model_index.json").is_file():
+            p.error(f"--from-dir {args.from_dir}: no model_index.json there (a pipeline directory of --family {args.family} is needed)")
         have = json.loads((args.from_dir / "model_index.json").read_text()).get("_class_name")
         want = "ImagenPipeline" if args.family == "imagen" else "UnCLIPLitePipeline"
         if have != want:
