@@ -252,12 +252,11 @@ def main(argv=None):
         p.error("--base-dir is for --refiner-start (a refiner put on an exported cascade); "
                 "to change only the generation defaults use --defaults-only")  # fmt: skip
     if args.from_dir is not None:
-        if not (args.from_dir / "model_index.json").is_file():
-            p.error(f"--from-dir {args.from_dir}: no model_index.json there (a pipeline directory of --family {args.family} is needed)")
-        have = json.loads((args.from_dir / "model_index.json").read_text()).get("_class_name")
         want = "ImagenPipeline" if args.family == "imagen" else "UnCLIPLitePipeline"
-        if have != want:
-            p.error(f"--from-dir {args.from_dir}: a {have}, not the {want} of --family {args.family}")
+        try:
+            presets.check_model_dir(str(args.from_dir), (want,))
+        except (ValueError, FileNotFoundError) as err:
+            p.error(f"--from-dir (--family {args.family}): {err}")
     if args.from_dir is not None and args.base_dir is not None:
         p.error("--from-dir ships a complete directory; --base-dir builds one from a cascade and the cache's refiner: pass one")
     if args.base_dir is not None and not (args.base_dir / "model_index.json").is_file():

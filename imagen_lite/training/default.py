@@ -1515,7 +1515,9 @@ def put_sr_run(directory, sr_run, recipe: str | None = None) -> dict:
         raise ValueError(f"--sr-from {sr_run}: not the output of `imagen-lite train --family imagen|dalle2 --stage sr` "
                          f"(its {CONFIG_FILE} says family={family!r}, stage={config.get('stage')!r})")  # fmt: skip
     pipeline_class, parts, key = SR_PARTS[family]
-    have = _read_json(directory / "model_index.json").get("_class_name")
+    from .. import presets
+
+    have = presets.pipeline_class_of(directory)
     if have != pipeline_class:
         raise ValueError(f"--sr-from {sr_run}: a {family} SR run, but {str(directory)!r} is a {have} (a {pipeline_class} is needed)")
     if not all((sr_run / name / "config.json").is_file() for name in parts):
