@@ -529,6 +529,38 @@ def test_size_selects_stages(tiny_dir, size, expected):
     assert images[0].size == expected and images[0].mode == "RGB"
 
 
+@pytest.mark.parametrize("kind", ["clip_sample", "thresholding"])
+def test_ddim_carries_the_noise_of_the_x0_it_clips_to(kind):
+    """A DDIM step of an x0-predicting stage treats an out-of-range x0 as the x0 its scheduler clips
+    (or thresholds) it to, as DDPM's posterior does: a guided x0 far outside [-1, 1] otherwise
+    carried a wrong noise into every step (twenty-fourth session: ``scheduler="ddim"`` drew
+    coloured noise with the embedded Imagen default at its guidance 4)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from imagen_lite import sampling
+
+    config = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="sample", clip_sample=True)
+    if kind == "thresholding":
+        config.update(thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5)
+    clip = (lambda v: v.clamp(-1, 1)) if kind == "clip_sample" else (lambda v: sampling.dynamic_threshold(v, 0.95, 1.5))
+
+    def run(model_fn):
+        scheduler = DDIMScheduler(**config)
+        scheduler.set_timesteps(6)
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        return sampling.denoise(model_fn, scheduler, x, scheduler.timesteps,
+                                step_kwargs=sampling.scheduler_step_kwargs(scheduler))  # fmt: skip
+
+    def raw(x, t, i):  # an x0 prediction up to 4x out of range, that depends on x_t
+        return 4.0 * torch.tanh(x + 0.5)
+
+    assert raw(torch.zeros(1), 0, 0).abs().max() > 1.5
+    assert torch.allclose(run(raw), run(lambda x, t, i: clip(raw(x, t, i))), atol=1e-5)
+    assert sampling.scheduler_step_kwargs(DDIMScheduler(**config))["use_clipped_model_output"] is True
+    assert "use_clipped_model_output" not in sampling.scheduler_step_kwargs(DDIMScheduler(clip_sample=False))
+    assert "use_clipped_model_output" not in sampling.scheduler_step_kwargs(DDPMScheduler(**config))
+
+
 def test_num_images_per_prompt(tiny_dir):
     images = imagen_lite.generate(["a red circle", "a blue square"], model=tiny_dir, size=16, num_images_per_prompt=3,
                                   device="cpu", seed=0, num_inference_steps=2)  # fmt: skip
