@@ -139,13 +139,62 @@ def _load(pipeline: str, model, torch_dtype) -> Loaded:
         path = presets.check_model_dir(model, ("UnCLIPLitePipeline", "UnCLIPPipeline"))
         if presets.pipeline_class_of(path) == "UnCLIPPipeline":
             return Loaded(from_karlo_repo(str(path), torch_dtype=torch_dtype), presets.PRESETS["karlo"], description)
-        shared = shared_refiner(path, torch_dtype)
+        shared = {**shared_refiner(path, torch_dtype), **shared_sr(path, torch_dtype)}
         pipe = UnCLIPLitePipeline.from_pretrained(path, **runtime.dtype_kwargs(torch_dtype), use_safetensors=True, **shared)
         preset = _dir_preset(path, pipeline, presets.DEFAULT_DALLE2)
     return Loaded(pipe, preset, description)
 
 
 SHARED_REFINER_KEY = "shared_refiner"
+SHARED_SR_KEY = "shared_sr"
+
+
+def _sibling(path: Path, key: str, needs: str) -> Path | None:
+    """The sibling directory a DALL-E 2 directory's defaults file names under ``key`` (None when
+    it names none); ValueError when that sibling lacks ``needs``."""
+    sibling = presets.read_defaults(path).get(key)
+    if not sibling:
+        return None
+    source = (Path(path).parent / sibling).resolve()
+    if not (source / needs / "config.json").is_file():
+        raise ValueError(f"{str(path)!r} borrows from {str(source)!r} ({key}={sibling!r} in {presets.DEFAULTS_FILE}), "
+                         f"which has no {needs}/")  # fmt: skip
+    return source
+
+
+def shared_sr(path: Path, torch_dtype=None) -> dict:
+    """The Imagen-style SR stage a DALL-E 2 directory borrows from a sibling Imagen directory, as
+    ``from_pretrained`` keyword overrides (empty when its defaults file names none).
+
+    Decision (twenty-sixth session): the embedded DALL-E 2 default super-resolves with the Imagen
+    default's SR run on the null text (T5 of "", that SR's caption-dropout input), so it sees the
+    64 px image alone, as Karlo's SR does. Measured on the standard 600 at 256 px it scores as
+    DALL-E 2's own SR did (83.7% against 83.8%, paired 1 / 2), and its own SR's training hours
+    leave the budget (docs/model_card.md, "Twenty-sixth session"). The directory's
+    ``imagen_lite_defaults.json`` names the sibling (``"shared_sr": "imagen"``); every part loads
+    with plain diffusers/transformers classes, and a directory saved from the loaded pipeline
+    holds its own copy."""
+    import diffusers
+    import transformers
+
+    source = _sibling(path, SHARED_SR_KEY, "sr_unet")
+    if source is None:
+        return {}
+    index = json.loads((source / "model_index.json").read_text())
+    dtype = runtime.dtype_kwargs(torch_dtype)
+
+    def cls(name, module):
+        return getattr(module, index[name][1])
+
+    return dict(
+        sr_unet=diffusers.UNet2DConditionModel.from_pretrained(source / "sr_unet", use_safetensors=True, **dtype),
+        sr_scheduler=cls("sr_scheduler", diffusers).from_pretrained(source / "sr_scheduler"),
+        image_noising_scheduler=cls("image_noising_scheduler", diffusers).from_pretrained(source / "image_noising_scheduler"),
+        sr_text_encoder=cls("text_encoder", transformers).from_pretrained(source / "text_encoder", use_safetensors=True, **dtype),
+        sr_tokenizer=cls("tokenizer", transformers).from_pretrained(source / "tokenizer"),
+        sr_unshuffle_factor=int(index.get("sr_unshuffle_factor", 1)),
+        sr_max_sequence_length=int(index.get("max_sequence_length", 77)),
+    )  # fmt: skip
 
 
 def shared_refiner(path: Path, torch_dtype=None) -> dict:
@@ -186,7 +235,8 @@ def _dir_preset(path: Path, pipeline: str, fallback: presets.Preset) -> presets.
         sr_strength=float(d.get("sr_strength", fallback.sr_strength)),
         guidance_interval=_pairs(d.get("guidance_interval", fallback.guidance_interval)),
         extra={"scheduler": d.get("scheduler"), "text_guidance_scale": d.get("text_guidance_scale"),
-               "denoising_end": d.get("denoising_end"), "refiner_start": d.get("refiner_start")},
+               "denoising_end": d.get("denoising_end"), "refiner_start": d.get("refiner_start"),
+               "saves_sr": "sr_strength" in d},
     )  # fmt: skip
 
 
@@ -309,6 +359,8 @@ def family_call_defaults(pipeline: str, preset: presets.Preset) -> dict:
     ``refiner_start`` only where its defaults file saves them)."""
     if pipeline != "imagen":  # a saved text_guidance_scale (three-branch decoder guidance) / refiner_start are dalle2 defaults too
         saved = {k: preset.extra.get(k) for k in ("text_guidance_scale", "refiner_start")}
+        if preset.extra.get("saves_sr"):  # an Imagen-style SR stage's settings (twenty-sixth session)
+            saved.update(noise_level=preset.noise_level, sr_strength=preset.sr_strength)
         return {"guidance_interval": preset.guidance_interval, **{k: v for k, v in saved.items() if v is not None}}
     saved = {k: preset.extra.get(k) for k in ("denoising_end", "refiner_start")}  # nineteenth, twentieth sessions
     return {"guidance_interval": preset.guidance_interval, "noise_level": preset.noise_level,

@@ -132,6 +132,7 @@ def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1", from
     the SR UNets of an ``imagen-lite train --family dalle2 --stage sr`` run replace its SR
     (``imagen_lite.training.default.put_sr_run``)."""
     check_shared_refiner(out, defaults)
+    check_shared_sr(out, defaults)
     plan = DALLE2_PLANS[recipe]
     have = recipe_of(read_training_state(from_dir), plan[-1]["stage"]) if from_dir is not None else recipe
     if have != recipe:
@@ -144,9 +145,12 @@ def ship_dalle2(cache: Path, out: Path, defaults: dict, recipe: str = "v1", from
             copy_with_defaults(from_dir, tmp, defaults)
         # stages a fresh start brought trained (v3: v2's CLIP, prior and SR) keep their own lineage's record
         kept = {s for item in plan for s in (item.get("fresh") or {}).get("stages", ())}
-        record_recipe(tmp, [s for s in [*(item["stage"] for item in plan), "sr"] if s not in kept], recipe)
+        own_sr = [] if defaults.get("shared_sr") else ["sr"]
+        record_recipe(tmp, [s for s in [*(item["stage"] for item in plan), *own_sr] if s not in kept], recipe)
         if sr_from is not None:
             put_sr_run(tmp, sr_from, recipe)
+        if defaults.get("shared_sr"):
+            retire_own_sr(tmp)
     except BaseException:  # never leave a half-written directory beside the package's (e.g. no checkpoint)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -164,6 +168,43 @@ def check_shared_refiner(out: Path, defaults: dict) -> None:
         raise ValueError(f"--refiner-start: the DALL-E 2 decoder borrows the refiner of {source}, "
                          f"which has none (ship the Imagen default with its refiner first)")  # fmt: skip
     check_refiner_start(source, defaults["refiner_start"])
+
+
+KARLO_SR_PARTS = ("super_res_first", "super_res_last", "super_res_scheduler")
+
+
+def retire_own_sr(directory: Path) -> None:
+    """A DALL-E 2 directory that borrows the Imagen default's SR (``"shared_sr"``; twenty-sixth
+    session) ships without its own Karlo-style SR: the parts and their ``model_index.json`` entries
+    go, and the SR's record in ``training_state.json`` moves to ``"sr_retired"`` (its history; its
+    hours no longer count towards the default's budget, docs/model_card.md)."""
+    for part in KARLO_SR_PARTS:
+        shutil.rmtree(directory / part, ignore_errors=True)
+    index_file = directory / "model_index.json"
+    index = json.loads(index_file.read_text())
+    for part in KARLO_SR_PARTS:
+        index.pop(part, None)
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    state_file = directory / "training_state.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if "sr" in state:
+            state["sr_retired"] = {**state.pop("sr"), "retired": "the default borrows the Imagen default's SR (shared_sr)"}
+            state_file.write_text(json.dumps(state, indent=2) + "\n")
+
+
+def check_shared_sr(out: Path, defaults: dict) -> None:
+    """A DALL-E 2 default that borrows the sibling Imagen directory's SR (``imagen_lite.api.shared_sr``)
+    needs that SR (and the T5 it reads the null text with) there."""
+    sibling = defaults.get("shared_sr")
+    if not sibling:
+        return
+    source = out.parent / sibling
+    missing = [d for d in ("sr_unet", "sr_scheduler", "image_noising_scheduler", "text_encoder", "tokenizer")
+               if not (source / d).is_dir()]  # fmt: skip
+    if missing or not (source / "model_index.json").is_file():
+        raise ValueError(f"--shared-sr: the DALL-E 2 default borrows the SR of {source}, which lacks "
+                         f"{missing or ['model_index.json']} (ship the Imagen default with its SR first)")  # fmt: skip
 
 
 def main(argv=None):
@@ -187,6 +228,9 @@ def main(argv=None):
                         "below this timestep (one per stage: base,sr) run on it (default: no refiner); dalle2: one "
                         "timestep, the decoder's steps below it run on the refiner of the Imagen directory beside "
                         "the output (imagen_lite.api.shared_refiner)")  # fmt: skip
+    p.add_argument("--shared-sr", action="store_true",
+                   help="dalle2: ship without its own SR; it borrows the Imagen directory's beside the output, run on "
+                        "the null text (imagen_lite.api.shared_sr), with --noise-level and --sr-strength")  # fmt: skip
     p.add_argument("--from-dir", type=Path, default=None,
                    help="ship this directory as it is, with the new defaults, instead of exporting the cache's newest "
                         "checkpoints (dalle2: one exported earlier with --out; imagen: a complete cascade, refiner "
@@ -219,10 +263,15 @@ def main(argv=None):
         if not is_guidance_scale(args.text_guidance):
             p.error(f"--text-guidance {args.text_guidance}: it must be a number >= 0")
         defaults["text_guidance_scale"] = args.text_guidance
-    if args.family == "imagen":
+    if args.shared_sr and args.family != "dalle2":
+        p.error("--shared-sr applies to --family dalle2 only (it borrows the Imagen default's SR)")
+    if args.family == "imagen" or args.shared_sr:
         defaults["sr_strength"] = 1.0 if args.sr_strength is None else args.sr_strength
+        if args.shared_sr:
+            defaults["shared_sr"] = "imagen"
     elif args.sr_strength is not None:
-        p.error(f"--sr-strength {args.sr_strength} applies to --family imagen only (the DALL-E 2 SR has no such start)")
+        p.error(f"--sr-strength {args.sr_strength} applies to --family imagen, or dalle2 with --shared-sr (Karlo's SR "
+                f"has no such start)")  # fmt: skip
     if args.denoising_end is not None:
         if args.family != "imagen":
             p.error(f"--denoising-end {args.denoising_end} applies to --family imagen only (its base stage)")
@@ -232,13 +281,18 @@ def main(argv=None):
             p.error(f"--denoising-end {args.denoising_end}: {err}")
         defaults["denoising_end"] = args.denoising_end
     if args.refiner_start is not None and args.family == "dalle2":
+        most = 2 if args.shared_sr else 1
         try:
-            start = int(args.refiner_start)
+            starts = numbers(args.refiner_start, int)
         except ValueError:
-            p.error(f"--refiner-start {args.refiner_start}: --family dalle2 takes one timestep (its decoder), such as 150")
-        if start < 1:
-            p.error(f"--refiner-start {args.refiner_start}: a timestep >= 1 (leave it out for no refiner)")
-        defaults.update(refiner_start=start, shared_refiner="imagen")
+            starts = []
+        if not 1 <= len(starts) <= most:
+            p.error(f"--refiner-start {args.refiner_start}: --family dalle2 takes one timestep (its decoder), such as 150"
+                    + (", or two (decoder,sr), such as 150,120" if args.shared_sr else
+                       "; a second (its SR's) needs --shared-sr"))  # fmt: skip
+        if starts[0] < 1 or min(starts) < 0:
+            p.error(f"--refiner-start {args.refiner_start}: timesteps >= 0, the decoder's >= 1 (leave it out for no refiner)")
+        defaults.update(refiner_start=starts[0] if len(starts) == 1 else starts, shared_refiner="imagen")
     elif args.refiner_start is not None:
         try:
             starts = numbers(args.refiner_start, int)

@@ -618,3 +618,165 @@ def test_ship_default_ships_an_exported_dalle2_directory_that_borrows_the_imagen
     assert (state["decoder"]["step"], state["decoder"]["recipe"], state["sr"]["recipe"]) == (16000, "v3", "v2")
     pipe = imagen_lite.load_pipeline("dalle2", model=str(shipped), device="cpu")
     assert pipe.refiner is not None and pipe.config.refiner_max_timestep == 300
+
+
+# ---------------------------------------------------------------------- an Imagen-style SR stage (twenty-sixth session)
+KARLO_SR = ("super_res_first", "super_res_last", "super_res_scheduler")
+
+
+def _tiny_unclip_with_imagen_sr():
+    """The tiny fixed-variance cascade with its refiner and, instead of Karlo's SR, the tiny Imagen
+    pipeline's SR (16 -> 32) with that pipeline's T5 for the null text; and the Imagen pipeline."""
+    from imagen_lite.models.tiny import build_tiny_imagen
+
+    pipe, _ = _tiny_unclip_with_refiner()
+    imagen = build_tiny_imagen(unshuffle_factor=2, with_refiner=True)
+    imagen.set_progress_bar_config(disable=True)
+    parts = {k: v for k, v in pipe.components.items() if v is not None and k not in KARLO_SR}
+    sr = UnCLIPLitePipeline(**parts, sr_unet=imagen.sr_unet, sr_scheduler=imagen.sr_scheduler,
+                            image_noising_scheduler=imagen.image_noising_scheduler, sr_text_encoder=imagen.text_encoder,
+                            sr_tokenizer=imagen.tokenizer, unshuffle_factor=pipe.config.unshuffle_factor,
+                            refiner_max_timestep=300, sr_unshuffle_factor=imagen.config.sr_unshuffle_factor,
+                            sr_max_sequence_length=imagen.config.max_sequence_length)  # fmt: skip
+    sr.set_progress_bar_config(disable=True)
+    return sr, imagen, pipe
+
+
+def test_an_imagen_style_sr_stage_super_resolves_the_decoder_image_on_the_null_text():
+    """``UnCLIPLitePipeline(sr_unet=...)``: the SR stage is the Imagen pipeline's own
+    (``imagen.super_resolve``: noise-augmented upsample at ``noise_level``, img2img start at
+    ``sr_strength``), fed the T5 states of "" -- draw for draw what the Imagen pipeline's SR makes
+    of the decoder's image with the null prompt. ``refiner_start=(decoder, sr)`` runs the refiner
+    on the SR's steps below the second."""
+    from imagen_lite.pipelines.imagen import super_resolve
+
+    sr, imagen, _ = _tiny_unclip_with_imagen_sr()
+    assert sr.stage_names == ["prior", "decoder", "sr_32"] and sr.stage_sizes == [16, 32]
+    kw = dict(num_inference_steps=(2, 3, 4), guidance_scale=(1.0, 1.0, 1.0), output_type="pt")
+    g = torch.Generator().manual_seed(0)
+    low = sr("a red circle", num_stages=2, generator=g, **kw).images
+    out = sr("a red circle", noise_level=50, sr_strength=0.5, generator=torch.Generator().manual_seed(0),
+             return_stage_outputs=True, **kw)  # fmt: skip
+    assert out.images.shape == (1, 3, 32, 32)
+    assert torch.allclose(out.stage_images["decoder"], low, atol=1e-5)
+    with torch.no_grad():
+        want = super_resolve(imagen, imagen.sr_unet, imagen.sr_scheduler, out.stage_images["decoder"],
+                             imagen.encode_prompt([""]), steps=4, guidance=1.0, interval=(0.0, 1.0), noise_level=50,
+                             sr_strength=0.5, refiner_start=0, generator=g, device=torch.device("cpu"))  # fmt: skip
+    assert torch.allclose(out.stage_images["sr_32"], want, atol=1e-5) and torch.allclose(out.images, want, atol=1e-5)
+    other = sr("a red circle", noise_level=400, sr_strength=0.5, generator=torch.Generator().manual_seed(0), **kw).images
+    assert not torch.allclose(other, out.images, atol=1e-3)  # the noise level reaches the SR
+    seen = []
+    h = sr.refiner.register_forward_pre_hook(lambda m, a, k: seen.append(int(a[1].flatten()[0])), with_kwargs=True)
+    try:
+        sr("a red circle", refiner_start=(0, 300), generator=torch.Generator().manual_seed(0), **kw)
+    finally:
+        h.remove()
+    assert seen and all(t < 300 for t in seen)  # the SR's steps below 300 only: the decoder's start is 0
+
+
+def test_bad_imagen_style_sr_input_is_named():
+    sr, imagen, karlo = _tiny_unclip_with_imagen_sr()
+    parts = {k: v for k, v in karlo.components.items() if v is not None}
+    with pytest.raises(ValueError, match=r"either Karlo's \(super_res_first/last\) or Imagen-style \(sr_unet\); got both"):
+        UnCLIPLitePipeline(**parts, sr_unet=imagen.sr_unet, sr_scheduler=imagen.sr_scheduler, refiner_max_timestep=300,
+                           image_noising_scheduler=imagen.image_noising_scheduler, sr_text_encoder=imagen.text_encoder,
+                           sr_tokenizer=imagen.tokenizer)  # fmt: skip
+    bare = {k: v for k, v in parts.items() if k not in KARLO_SR}
+    with pytest.raises(ValueError, match=r"needs \[.*\] together; missing \['sr_text_encoder', 'sr_tokenizer'\]"):
+        UnCLIPLitePipeline(**bare, sr_unet=imagen.sr_unet, sr_scheduler=imagen.sr_scheduler, refiner_max_timestep=300,
+                           image_noising_scheduler=imagen.image_noising_scheduler)  # fmt: skip
+    kw = dict(num_inference_steps=(2, 3, 4), guidance_scale=(1.0, 1.0, 1.0), output_type="pt")
+    with pytest.raises(ValueError, match=r"noise_level=50 applies to an Imagen-style SR stage \(sr_unet\); this pipeline's SR is Karlo's"):
+        karlo("a red circle", noise_level=50, **kw)
+    with pytest.raises(ValueError, match=r"sr_strength=0.5 applies to an Imagen-style SR stage"):
+        karlo("a red circle", sr_strength=0.5, **kw)
+    with pytest.raises(ValueError, match=r"refiner_start=\(100, 100\) gives the SR stage a refiner .* this pipeline's SR is Karlo's"):
+        karlo("a red circle", refiner_start=(100, 100), **kw)
+    with pytest.raises(ValueError, match=r"refiner_start=\(1, 2, 3\) must be a timestep.*or a pair"):
+        sr("a red circle", refiner_start=(1, 2, 3), **kw)
+    with pytest.raises(ValueError, match=r"refiner_start for stage 'sr_32' is 400, above the timesteps"):
+        sr("a red circle", refiner_start=(0, 400), **kw)
+    with pytest.raises(ValueError, match=r"noise_level=1000 must be an int in \[0, 1000\)"):
+        sr("a red circle", noise_level=1000, **kw)
+    with pytest.raises(ValueError, match=r"sr_strength=0.2 leaves no step of the 4 sr_32 steps"):
+        sr("a red circle", sr_strength=0.2, **kw)
+    with pytest.raises(ValueError, match=r"guidance_scale for stage 'sr_32' is 2.0; the unCLIP super-resolution stage takes no text"):
+        sr("a red circle", num_inference_steps=(2, 3, 4), guidance_scale=(1.0, 1.0, 2.0))
+
+
+def test_a_dalle2_directory_can_borrow_the_sr_of_a_sibling_imagen_directory(tmp_path):
+    """The embedded DALL-E 2 default holds no SR of its own since the twenty-sixth session: its
+    defaults file names the Imagen directory beside it (``shared_sr``), whose SR and T5 load with
+    plain diffusers/transformers classes, and saves the SR's noise level and strength, which
+    ``generate()`` passes. A sibling without an SR is named; a saved copy loads on its own."""
+    import imagen_lite
+    from imagen_lite import presets
+
+    sr, imagen, _ = _tiny_unclip_with_imagen_sr()
+    imagen.save_pretrained(tmp_path / "imagen", safe_serialization=True)
+    bare = UnCLIPLitePipeline(**{k: v for k, v in sr.components.items() if v is not None and not k.startswith("sr_")
+                                 and k != "image_noising_scheduler"}, refiner_max_timestep=300)  # fmt: skip
+    bare.save_pretrained(tmp_path / "dalle2", safe_serialization=True)
+    assert not (tmp_path / "dalle2" / "sr_unet").exists()
+    defaults = {"num_inference_steps": [2, 3, 4], "guidance_scale": [1.0, 1.0, 1.0], "noise_level": 50,
+                "sr_strength": 0.5, "shared_sr": "imagen"}  # fmt: skip
+    (tmp_path / "dalle2" / presets.DEFAULTS_FILE).write_text(json.dumps(defaults))
+    pipe = imagen_lite.load_pipeline("dalle2", model=str(tmp_path / "dalle2"), device="cpu")
+    assert pipe.stage_names == ["prior", "decoder", "sr_32"] and type(pipe.sr_text_encoder).__name__ == "T5EncoderModel"
+    assert all(torch.equal(pipe.sr_unet.state_dict()[k], v) for k, v in imagen.sr_unet.state_dict().items())
+    levels = []
+    h = pipe.sr_unet.register_forward_pre_hook(lambda m, a, k: levels.append(k["class_labels"].tolist()), with_kwargs=True)
+    try:
+        got = imagen_lite.generate("a red circle", pipeline="dalle2", model=str(tmp_path / "dalle2"), device="cpu", seed=0)
+    finally:
+        h.remove()
+    assert got[0].size == (32, 32) and levels == [[50]] * 2  # sr_strength 0.5 of 4 steps: 2 SR steps at level 50
+    from imagen_lite.evaluation.compare import compare
+
+    r = compare("a red circle", models={"dalle2": str(tmp_path / "dalle2")}, seeds=(0,), size=None, device="cpu", clip=None,
+                progress=False)  # fmt: skip
+    assert r.summary["dalle2"]["sr_strength"] == 0.5  # the compare table names the borrowed SR's start
+    pipe.save_pretrained(tmp_path / "copy", safe_serialization=True)
+    copy = UnCLIPLitePipeline.from_pretrained(tmp_path / "copy", use_safetensors=True)
+    assert copy.stage_names == pipe.stage_names and copy.config.sr_max_sequence_length == imagen.config.max_sequence_length
+    (tmp_path / "dalle2" / presets.DEFAULTS_FILE).write_text(json.dumps({**defaults, "shared_sr": "nowhere"}))
+    with pytest.raises(ValueError, match=r"borrows from .*nowhere.*which has no sr_unet/"):
+        imagen_lite.api.shared_sr(tmp_path / "dalle2")
+
+
+def test_ship_default_ships_a_dalle2_directory_that_borrows_the_imagen_sr(tmp_path, capsys):
+    """``ship_default.py --family dalle2 --shared-sr``: the candidate ships without its Karlo SR
+    (parts and model_index entries gone, its record kept as ``sr_retired``), with defaults that
+    borrow the sibling Imagen default's SR at the given noise level, strength and refiner start;
+    a second refiner start without ``--shared-sr`` is refused."""
+    import runpy
+
+    import imagen_lite
+    from imagen_lite import presets
+    from imagen_lite.training import default as D
+
+    _, imagen, karlo = _tiny_unclip_with_imagen_sr()
+    candidate = tmp_path / "candidate"
+    karlo.save_pretrained(candidate, safe_serialization=True)
+    D.write_training_state(candidate, {"decoder": {"step": 16000, "cpu_hours": 3.5, "recipe": "v3", "config": {}},
+                                       "sr": {"step": 1800, "cpu_hours": 1.5, "recipe": "v3", "config": {}}})  # fmt: skip
+    package = tmp_path / "weights"
+    imagen.save_pretrained(package / "imagen", safe_serialization=True)
+    ship = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "ship_default.py"), run_name="ship")
+    args = ["--family", "dalle2", "--recipe", "v3", "--from-dir", str(candidate), "--steps", "2,3,4", "--guidance", "1,1,1",
+            "--scheduler", "ddpm", "--noise-level", "50", "--sr-strength", "0.5", "--refiner-start", "150,120",
+            "--out", str(package / "dalle2")]  # fmt: skip
+    with pytest.raises(SystemExit):
+        ship["main"](args)  # --sr-strength and a second start need --shared-sr
+    assert "--shared-sr" in capsys.readouterr().err and not (package / "dalle2").exists()
+    ship["main"]([*args, "--shared-sr"])
+    shipped = package / "dalle2"
+    d = presets.read_defaults(shipped)
+    assert (d["shared_sr"], d["sr_strength"], d["noise_level"], d["refiner_start"]) == ("imagen", 0.5, 50, [150, 120])
+    assert not any((shipped / part).exists() for part in KARLO_SR)
+    assert not any(part in json.loads((shipped / "model_index.json").read_text()) for part in KARLO_SR)
+    state = D.read_training_state(shipped)
+    assert "sr" not in state and state["sr_retired"]["step"] == 1800
+    pipe = imagen_lite.load_pipeline("dalle2", model=str(shipped), device="cpu")
+    assert pipe.super_res_first is None and pipe.sr_unet is not None and pipe.stage_names[-1] == "sr_32"

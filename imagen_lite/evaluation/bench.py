@@ -700,7 +700,8 @@ def bench_latency(models: dict[str, str | None], size: int = 256, rounds: int = 
         preset = pipes[family].imagen_lite_preset
         walls = [m["wall"] for m in measured]
         wall = median(walls)
-        sr = kwargs.get("sr_strength", preset.sr_strength) if family == "imagen" else None
+        own_sr = family == "imagen" or preset.extra.get("saves_sr")  # a dalle2 model with an Imagen-style SR saves one
+        sr = kwargs.get("sr_strength", preset.sr_strength) if own_sr else None
         rows.append({
             "family": family, "model": models[family] or "embedded default", "px": size,
             "steps": ",".join(str(k) for k in preset.num_inference_steps), "guidance": format_guidance(preset),

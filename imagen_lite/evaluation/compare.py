@@ -780,7 +780,8 @@ def compare(
             "steps": dict(zip(stages, steps)),
             "guidance": dict(zip(stages, guidance)),
             "guidance_interval": dict(zip(stages, per_stage_intervals(s.get("guidance_interval", (0.0, 1.0)), stages))),
-            "sr_strength": s.get("sr_strength") if pipeline == "imagen" and n_stages > 1 else None,
+            # an Imagen SR's start: imagen's, and a dalle2 model's with an Imagen-style SR (its saved defaults)
+            "sr_strength": s.get("sr_strength") if n_stages > 1 else None,
             "load_seconds": _r(load_seconds, 4),
             "median_seconds_per_image": _r(statistics.median(seconds), 4),
             "median_stage_seconds": {k: _r(statistics.median(v), 4) for k, v in stage_seconds.items()},

@@ -343,44 +343,11 @@ class ImagenPipeline(DiffusionPipeline):
             low_res = image
 
             def run_sr(unet=unet, scheduler=scheduler, low_res=low_res, k=k) -> torch.Tensor:
-                cfg = guidance[k] > 1.0
-                scheduler.set_timesteps(steps[k], device=device)
-                if hasattr(scheduler, "set_begin_index"):
-                    scheduler.set_begin_index(0)
-                s = self.config.sr_unshuffle_factor
-                side = unet.config.sample_size
-                channels = unet.config.in_channels // 2
-                x = randn_tensor((n, channels, side, side), generator=generator, device=device, dtype=unet.dtype)
-                upscaled = sampling.upsample(low_res.to(device=device, dtype=unet.dtype), side * s)
-                timesteps = scheduler.timesteps
-                if sr_strength < 1.0:  # img2img: start from the upsample, noised (same draw as x)
-                    timesteps = sampling.strength_timesteps(scheduler, steps[k], sr_strength)
-                    start = sampling.pixel_unshuffle(upscaled, s)
-                    x = scheduler.add_noise(start, x, timesteps[:1].repeat(n))
-                else:
-                    x = x * scheduler.init_noise_sigma
-                level = torch.tensor([int(noise_level)] * n, device=device)
-                noise = randn_tensor(upscaled.shape, generator=generator, device=device, dtype=upscaled.dtype)
-                upscaled = sampling.noise_augment(upscaled, noise, level, self.image_noising_scheduler)
-                upscaled = sampling.pixel_unshuffle(upscaled, s)  # (N, 3*s*s, side, side)
-                labels = torch.cat([level] * 2) if cfg else level
-                context = text_context(cfg).to(unet.dtype)
-
-                def model_fn(model_input, t, i):
-                    if int(t) < refiner_starts[k]:
-                        return self._refine(model_input[:, :channels], t, s, scheduler.config.prediction_type)
-                    rows = functools.partial(sampling.conditional_rows, model_input=model_input)
-                    return unet(model_input, t, encoder_hidden_states=rows(context), class_labels=rows(labels), return_dict=False)[0]
-
-                with self.progress_bar(total=len(timesteps)) as bar, reuse_constant_inputs(unet):
-                    x = sampling.denoise(
-                        model_fn, scheduler, x, timesteps,
-                        guidance_scale=guidance[k], do_classifier_free_guidance=cfg, guidance_interval=intervals[k],
-                        cond_image=upscaled,
-                        step_kwargs=sampling.scheduler_step_kwargs(scheduler, generator),
-                        progress_bar=bar, callback=callback,
-                    )  # fmt: skip
-                return sampling.pixel_shuffle(x, s)  # (N, 3, side*s, side*s)
+                return super_resolve(
+                    self, unet, scheduler, low_res, text_context(guidance[k] > 1.0), steps=steps[k], guidance=guidance[k],
+                    interval=intervals[k], noise_level=noise_level, sr_strength=sr_strength,
+                    refiner_start=refiner_starts[k], generator=generator, device=device, callback=callback,
+                )  # fmt: skip
 
             with timed(seconds, name):
                 image = run_finite(name, run_sr, [unet, self.refiner if refiner_starts[k] else None], generator)
@@ -388,6 +355,61 @@ class ImagenPipeline(DiffusionPipeline):
 
         # 5. Post-process
         return finish(self, image, output_type, return_dict, stage_outputs, seconds, return_stage_outputs)
+
+
+def super_resolve(pipe, unet, scheduler, low_res: torch.Tensor, context: torch.Tensor, *, steps: int, guidance: float,
+                  interval, noise_level: int, sr_strength: float, refiner_start: int, generator, device,
+                  callback=None) -> torch.Tensor:
+    """One Imagen-style super-resolution stage: ``low_res`` (N, 3, h, w) in [-1, 1] -> (N, 3, H, H).
+
+    The upsample (bilinear, noise-augmented to ``noise_level`` with ``pipe.image_noising_scheduler``,
+    given as ``class_labels``) is concatenated to the noisy image; ``context`` is the T5 token
+    states (both CFG halves, unconditional first, when ``guidance`` > 1). Below 1, ``sr_strength``
+    starts from the upsample noised to the timestep that leaves ``int(steps * sr_strength)`` steps
+    (diffusers' img2img ``strength``); steps below ``refiner_start`` run on ``pipe.refiner``.
+    ``pipe`` gives ``config.sr_unshuffle_factor``, the refiner and the progress bar. Shared by
+    :class:`ImagenPipeline` and, since the twenty-sixth session, the unCLIP pipeline's Imagen-style
+    SR (``UnCLIPLitePipeline(sr_unet=...)``)."""
+    cfg = guidance > 1.0
+    n = low_res.shape[0]
+    scheduler.set_timesteps(steps, device=device)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    s = pipe.config.sr_unshuffle_factor
+    side = unet.config.sample_size
+    channels = unet.config.in_channels // 2
+    x = randn_tensor((n, channels, side, side), generator=generator, device=device, dtype=unet.dtype)
+    upscaled = sampling.upsample(low_res.to(device=device, dtype=unet.dtype), side * s)
+    timesteps = scheduler.timesteps
+    if sr_strength < 1.0:  # img2img: start from the upsample, noised (same draw as x)
+        timesteps = sampling.strength_timesteps(scheduler, steps, sr_strength)
+        start = sampling.pixel_unshuffle(upscaled, s)
+        x = scheduler.add_noise(start, x, timesteps[:1].repeat(n))
+    else:
+        x = x * scheduler.init_noise_sigma
+    level = torch.tensor([int(noise_level)] * n, device=device)
+    noise = randn_tensor(upscaled.shape, generator=generator, device=device, dtype=upscaled.dtype)
+    upscaled = sampling.noise_augment(upscaled, noise, level, pipe.image_noising_scheduler)
+    upscaled = sampling.pixel_unshuffle(upscaled, s)  # (N, 3*s*s, side, side)
+    labels = torch.cat([level] * 2) if cfg else level
+    context = context.to(device=device, dtype=unet.dtype)
+
+    def model_fn(model_input, t, i):
+        if int(t) < refiner_start:
+            return refine_prediction(pipe.refiner, pipe.refiner_scheduler, model_input[:, :channels], t, s,
+                                     scheduler.config.prediction_type)  # fmt: skip
+        rows = functools.partial(sampling.conditional_rows, model_input=model_input)
+        return unet(model_input, t, encoder_hidden_states=rows(context), class_labels=rows(labels), return_dict=False)[0]
+
+    with pipe.progress_bar(total=len(timesteps)) as bar, reuse_constant_inputs(unet):
+        x = sampling.denoise(
+            model_fn, scheduler, x, timesteps,
+            guidance_scale=guidance, do_classifier_free_guidance=cfg, guidance_interval=interval,
+            cond_image=upscaled,
+            step_kwargs=sampling.scheduler_step_kwargs(scheduler, generator),
+            progress_bar=bar, callback=callback,
+        )  # fmt: skip
+    return sampling.pixel_shuffle(x, s)  # (N, 3, side*s, side*s)
 
 
 def refine_prediction(refiner, refiner_scheduler, model_input: torch.Tensor, t, factor: int, prediction_type: str) -> torch.Tensor:

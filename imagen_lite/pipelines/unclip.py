@@ -18,6 +18,14 @@ and ``refiner`` + ``refiner_scheduler``: a low-noise expert for the decoder, as 
 has for its base (an unconditional full-resolution ``UNet2DModel`` on the decoder's noise
 schedule; the call's ``refiner_start`` hands it the decoder's steps below that timestep).
 Karlo's weights load unchanged with :func:`from_karlo_repo`.
+Or, instead of Karlo's SR, an **Imagen-style SR stage** (twenty-sixth session): ``sr_unet`` +
+``sr_scheduler`` + ``image_noising_scheduler`` as ``ImagenPipeline`` has them, with
+``sr_text_encoder`` + ``sr_tokenizer`` (that SR's T5) to read the null text: the stage runs
+:func:`imagen_lite.pipelines.imagen.super_resolve` on the T5 states of "" (the SR's
+caption-dropout input), so it conditions on the 64 px image alone, as Karlo's SR does, and takes
+the call's ``noise_level`` and ``sr_strength``. The embedded DALL-E 2 default borrows the Imagen
+default's SR this way (``imagen_lite.api.shared_sr``): it scored as DALL-E 2's own SR did, and
+that SR's training hours left the budget (docs/model_card.md).
 
 Pipeline config (saved in ``model_index.json``):
 - ``unshuffle_factor``: the decoder runs on ``r x r`` pixel patches (space-to-depth), as the
@@ -26,6 +34,8 @@ Pipeline config (saved in ``model_index.json``):
   image, as ``ImagenPipeline``'s base (see there for why).
 - ``refiner_max_timestep``: the refiner trained on t in [0, this); ``refiner_start`` may not
   exceed it. 0 without a refiner.
+- ``sr_unshuffle_factor``, ``sr_max_sequence_length``: the Imagen-style SR's, as
+  ``ImagenPipeline``'s ``sr_unshuffle_factor`` and ``max_sequence_length`` (unused with Karlo's SR).
 
 Classifier-free guidance is decided per stage (``guidance_scale > 1``); the prior's
 unconditional input is the empty (or negative) prompt, the decoder's is that prompt plus the
@@ -52,7 +62,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import runtime, sampling
 from ..models.text_proj import UnCLIPTextProjection
 from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, is_guidance_scale, load_scheduler, per_stage, per_stage_intervals, run_finite, timed, tokenize
-from .imagen import check_refiner, check_refiner_stage, refine_prediction
+from .imagen import check_refiner, check_refiner_stage, refine_prediction, super_resolve
 from .speed import reuse_constant_inputs
 
 
@@ -90,9 +100,10 @@ class UnCLIPLitePipeline(DiffusionPipeline):
 
     # the prior's clip_mean/clip_std are used outside forward (post_process_latents), so it
     # stays out of model CPU offload, as in diffusers' UnCLIPPipeline
-    model_cpu_offload_seq = "text_encoder->text_proj->decoder->refiner->super_res_first->super_res_last"
+    model_cpu_offload_seq = "text_encoder->text_proj->decoder->refiner->super_res_first->super_res_last->sr_text_encoder->sr_unet"
     _exclude_from_cpu_offload = ["prior"]
-    _optional_components = ["super_res_first", "super_res_last", "super_res_scheduler", "refiner", "refiner_scheduler"]
+    _optional_components = ["super_res_first", "super_res_last", "super_res_scheduler", "refiner", "refiner_scheduler",
+                            "sr_unet", "sr_scheduler", "image_noising_scheduler", "sr_text_encoder", "sr_tokenizer"]  # fmt: skip
 
     def __init__(
         self,
@@ -108,9 +119,16 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         super_res_scheduler=None,
         refiner=None,
         refiner_scheduler=None,
+        sr_unet=None,
+        sr_scheduler=None,
+        image_noising_scheduler=None,
+        sr_text_encoder=None,
+        sr_tokenizer=None,
         unshuffle_factor: int = 1,
         coord_channels: int = 0,
         refiner_max_timestep: int = 0,
+        sr_unshuffle_factor: int = 1,
+        sr_max_sequence_length: int = 77,
     ):
         super().__init__()
         check_coord_channels(coord_channels, decoder, "the decoder")
@@ -121,6 +139,15 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 "super_res_first, super_res_last and super_res_scheduler come together; got "
                 f"{[type(c).__name__ if c is not None else None for c in sr]}"
             )
+        imagen_sr = {"sr_unet": sr_unet, "sr_scheduler": sr_scheduler, "image_noising_scheduler": image_noising_scheduler,
+                     "sr_text_encoder": sr_text_encoder, "sr_tokenizer": sr_tokenizer}  # fmt: skip
+        if any(c is not None for c in imagen_sr.values()):
+            missing = [k for k, c in imagen_sr.items() if c is None]
+            if missing:
+                raise ValueError(f"an Imagen-style SR stage needs {list(imagen_sr)} together; missing {missing}")
+            if super_res_first is not None:
+                raise ValueError("the SR stage is either Karlo's (super_res_first/last) or Imagen-style (sr_unet); "
+                                 "got both")  # fmt: skip
         self.register_modules(
             prior=prior,
             decoder=decoder,
@@ -134,26 +161,38 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             super_res_scheduler=super_res_scheduler,
             refiner=refiner,
             refiner_scheduler=refiner_scheduler,
+            **imagen_sr,
         )
         self.register_to_config(unshuffle_factor=int(unshuffle_factor), coord_channels=int(coord_channels),
-                                refiner_max_timestep=int(refiner_max_timestep) if refiner is not None else 0)  # fmt: skip
+                                refiner_max_timestep=int(refiner_max_timestep) if refiner is not None else 0,
+                                sr_unshuffle_factor=int(sr_unshuffle_factor),
+                                sr_max_sequence_length=int(sr_max_sequence_length))  # fmt: skip
 
     # ------------------------------------------------------------------ structure
     @property
     def stage_names(self) -> list[str]:
         """Names of the stages present, in order: ``prior``, ``decoder``, ``sr_256``."""
         names = ["prior", "decoder"]
-        if self.super_res_first is not None:
-            names.append(f"sr_{self.super_res_first.config.sample_size}")
+        if self.sr_side is not None:
+            names.append(f"sr_{self.sr_side}")
         return names
+
+    @property
+    def sr_side(self) -> int | None:
+        """Output side of the SR stage (Karlo's or Imagen-style), None without one."""
+        if self.super_res_first is not None:
+            return self.super_res_first.config.sample_size
+        if getattr(self, "sr_unet", None) is not None:
+            return self.sr_unet.config.sample_size * self.config.get("sr_unshuffle_factor", 1)
+        return None
 
     @property
     def stage_sizes(self) -> list[int]:
         """Output side of each image stage (the prior makes an embedding, not an image);
         ``size`` in ``generate()`` picks one of these."""
         sizes = [self.decoder.config.sample_size * self.config.unshuffle_factor]
-        if self.super_res_first is not None:
-            sizes.append(self.super_res_first.config.sample_size)
+        if self.sr_side is not None:
+            sizes.append(self.sr_side)
         return sizes
 
     def num_stages_for_size(self, size: int | None) -> int:
@@ -166,14 +205,35 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         return sizes.index(size) + 2
 
     # ------------------------------------------------------------------ refiner
-    def check_refiner_start(self, refiner_start) -> int:
-        """``refiner_start`` as an int timestep for the decoder; ValueError naming a value this
-        pipeline cannot run."""
-        if isinstance(refiner_start, bool) or not isinstance(refiner_start, int) or refiner_start < 0:
-            raise ValueError(f"refiner_start={refiner_start!r} must be a timestep, an int >= 0 (0: no refiner)")
+    def check_refiner_start(self, refiner_start) -> tuple[int, int]:
+        """``refiner_start`` as (decoder, SR) timesteps. One int is the decoder's alone (the SR
+        stage gets none); a pair ``(decoder, sr)`` also hands the SR stage its steps below the
+        second, which needs an Imagen-style SR (``sr_unet``, on the refiner's noise schedule).
+        ValueError naming a value this pipeline cannot run."""
+        values = list(refiner_start) if isinstance(refiner_start, (list, tuple)) else [refiner_start]
+        if not 1 <= len(values) <= 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+            raise ValueError(f"refiner_start={refiner_start!r} must be a timestep, an int >= 0 (0: no refiner), or a "
+                             f"pair of them (decoder, sr)")  # fmt: skip
+        decoder_start, sr_start = (values + [0])[:2]
         # checked at each call: the decoder's scheduler may have been swapped since the pipeline was built
-        check_refiner_stage(self, refiner_start, refiner_start, self.decoder_scheduler, "decoder")
-        return refiner_start
+        check_refiner_stage(self, refiner_start, decoder_start, self.decoder_scheduler, "decoder")
+        if sr_start:
+            if self.sr_unet is None:
+                kind = "Karlo's (super_res_first/last)" if self.super_res_first is not None else "absent"
+                raise ValueError(f"refiner_start={refiner_start!r} gives the SR stage a refiner below t = {sr_start}, but "
+                                 f"only an Imagen-style SR (sr_unet) runs the refiner; this pipeline's SR is {kind}: "
+                                 f"pass one timestep (the decoder's)")  # fmt: skip
+            check_refiner_stage(self, refiner_start, sr_start, self.sr_scheduler, f"sr_{self.sr_side}")
+        return decoder_start, sr_start
+
+    @torch.no_grad()
+    def sr_context(self, n: int, device=None) -> torch.Tensor:
+        """The Imagen-style SR's text input for ``n`` images: the T5 token states of "" (its
+        caption-dropout input in training), so it conditions on the image alone, as Karlo's SR."""
+        device = device or self._execution_device
+        inputs = tokenize(self.sr_tokenizer, [""], self.config.sr_max_sequence_length)
+        states = self.sr_text_encoder(inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device))[0]
+        return states.expand(n, -1, -1)
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()
@@ -202,7 +262,9 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         prior_candidates: int = 1,
         image_embeds: torch.Tensor | None = None,
         text_guidance_scale: float | None = None,
-        refiner_start: int = 0,
+        refiner_start: int | tuple = 0,
+        noise_level: int | None = None,
+        sr_strength: float = 1.0,
         prompt_embeds: CLIPTextEmbeds | tuple | None = None,
         negative_prompt_embeds: CLIPTextEmbeds | tuple | None = None,
         output_type: str = "pil",
@@ -246,11 +308,15 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             refiner_start: a timestep: the decoder's steps at timesteps below it run on the
                 pipeline's ``refiner`` (the low-noise expert, unconditional, so those steps take no
                 guidance) instead of the decoder. 0 (the default): none; at most the
-                ``refiner_max_timestep`` it was trained to.
+                ``refiner_max_timestep`` it was trained to. A pair ``(decoder, sr)`` also runs the
+                refiner on an Imagen-style SR stage's steps below the second.
+            noise_level / sr_strength: an Imagen-style SR stage's (``sr_unet``) noise-conditioning
+                augmentation level (None: IF's 250) and img2img start, as ``ImagenPipeline`` takes
+                them; Karlo's SR takes neither (an error when given).
             output_type: ``"pil"``, ``"np"`` or ``"pt"`` (see :class:`ImageLiteOutput`).
         """
         # 1. Check inputs
-        refiner_start = self.check_refiner_start(refiner_start)
+        refiner_start, sr_refiner_start = self.check_refiner_start(refiner_start)
         if text_guidance_scale is not None and not is_guidance_scale(text_guidance_scale):
             raise ValueError(f"text_guidance_scale={text_guidance_scale!r} must be None or a number >= 0")
         check_output_type(output_type)
@@ -273,9 +339,25 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             guidance = per_stage(guidance_scale, stages[:2], "guidance_scale", kind="guidance", model_stages=all_stages) + (1.0,) * (n_stages - 2)
         if n_stages > 2 and guidance[2] != 1.0:
             raise ValueError(
-                f"guidance_scale for stage {stages[2]!r} is {guidance[2]!r}; the unCLIP super-resolution UNets take "
+                f"guidance_scale for stage {stages[2]!r} is {guidance[2]!r}; the unCLIP super-resolution stage takes "
                 "no text, so it must be 1"
             )
+        if self.sr_unet is None:
+            for name, value, unset in (("noise_level", noise_level, None), ("sr_strength", sr_strength, 1.0)):
+                if value != unset:
+                    kind = "Karlo's (super_res_first/last)" if self.super_res_first is not None else "absent"
+                    raise ValueError(f"{name}={value!r} applies to an Imagen-style SR stage (sr_unet); this pipeline's "
+                                     f"SR is {kind}, which takes no {name}")  # fmt: skip
+        else:
+            noise_level = 250 if noise_level is None else noise_level
+            max_level = self.image_noising_scheduler.config.num_train_timesteps
+            if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level < max_level:
+                raise ValueError(f"noise_level={noise_level!r} must be an int in [0, {max_level})")
+            if isinstance(sr_strength, bool) or not isinstance(sr_strength, (int, float)) or not 0.0 < sr_strength <= 1.0:
+                raise ValueError(f"sr_strength={sr_strength!r} must be a number in (0, 1]")
+            if n_stages > 2 and int(steps[2] * sr_strength) < 1:
+                raise ValueError(f"sr_strength={sr_strength!r} leaves no step of the {steps[2]} {stages[2]} steps to "
+                                 f"run; use sr_strength >= {1 / steps[2]:.3g} or more steps")  # fmt: skip
         intervals = per_stage_intervals(guidance_interval, stages, model_stages=all_stages)
         if text_guidance_scale is not None and tuple(intervals[1]) != (0.0, 1.0):
             raise ValueError(
@@ -303,7 +385,8 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 "prior is skipped; pass one or the other"
             )
         run_prior = image_embeds is None
-        schedulers = [self.prior_scheduler if run_prior else None, self.decoder_scheduler, self.super_res_scheduler]
+        schedulers = [self.prior_scheduler if run_prior else None, self.decoder_scheduler,
+                      self.super_res_scheduler if self.sr_unet is None else self.sr_scheduler]  # fmt: skip
         for stage, k, scheduler in zip(stages, steps, schedulers):
             if k < 2 and type(scheduler).__name__ == "UnCLIPScheduler":  # its set_timesteps divides by k - 1
                 raise ValueError(f"num_inference_steps for stage {stage!r} is {k}; UnCLIPScheduler needs at least 2")
@@ -445,7 +528,22 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         stage_outputs["decoder"] = image
 
         # 5. Super-resolution: bicubic upsample -> 256; super_res_first, then super_res_last for the last step
-        if n_stages > 2:
+        #    (Karlo's), or an Imagen-style SR on the null text (super_resolve)
+        if n_stages > 2 and self.sr_unet is not None:
+            name, low_res = stages[2], image
+
+            def run_imagen_sr() -> torch.Tensor:
+                return super_resolve(
+                    self, self.sr_unet, self.sr_scheduler, low_res, self.sr_context(n, device), steps=steps[2],
+                    guidance=1.0, interval=intervals[2], noise_level=noise_level, sr_strength=sr_strength,
+                    refiner_start=sr_refiner_start, generator=generator, device=device, callback=callback,
+                )  # fmt: skip
+
+            with timed(seconds, name):
+                image = run_finite(name, run_imagen_sr, [self.sr_text_encoder, self.sr_unet,
+                                                         self.refiner if sr_refiner_start else None], generator)  # fmt: skip
+            stage_outputs[name] = image
+        elif n_stages > 2:
             name, low_res = stages[2], image
 
             def run_sr() -> torch.Tensor:
