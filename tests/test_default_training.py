@@ -284,10 +284,10 @@ def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weig
         ship["main"](argv + ["--guidance-interval", "0.4,0.1"])
     assert exit_info.value.code == 2 and "--guidance-interval 0.4,0.1: guidance_interval is (0.4, 0.1)" in capsys.readouterr().err
     monkeypatch.setattr(presets, "DEFAULT_DALLE2", dataclasses.replace(presets.DEFAULT_DALLE2, components={"dir": str(tmp_path / "dalle2")}))
-    with pytest.raises(SystemExit) as exit_info:  # argparse's error: the DALL-E 2 SR has no img2img start
+    with pytest.raises(SystemExit) as exit_info:  # argparse's error: Karlo's SR has no img2img start
         ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--sr-strength", "0.5",
                       "--defaults-only"])  # fmt: skip
-    assert exit_info.value.code == 2 and "applies to --family imagen only" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "applies to --family imagen, or dalle2 with --shared-sr" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # v4 is a lineage of the Imagen base only
         ship["main"](["--family", "dalle2", "--recipe", "v4", "--steps", "25,25,3", "--guidance", "2,2,1"])
     assert exit_info.value.code == 2 and "--recipe v4: --family dalle2 has the lineages ['v1', 'v2', 'v2e', 'v3']" in capsys.readouterr().err

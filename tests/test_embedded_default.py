@@ -61,12 +61,12 @@ def installed(family: str) -> bool:
     return (Path(preset.components["dir"]) / "model_index.json").is_file()
 
 
-def light_grey_share(image) -> float:
-    """The share of an image's pixels that are a light, colourless grey: channel range < 20 and
-    channel mean in [200, 250) -- the tint a super-resolution stage draws where the domain is white."""
+def flat_light_share(image) -> float:
+    """The share of an image's pixels that are flat and light: channel range < 20 and channel mean
+    >= 200 -- the white or light-grey field a super-resolution stage draws where the domain is white."""
     a = np.asarray(image.convert("RGB")).astype(int)
     mean, spread = a.mean(-1), a.max(-1) - a.min(-1)
-    return float(((spread < 20) & (mean >= 200) & (mean < 250)).mean())
+    return float(((spread < 20) & (mean >= 200)).mean())
 
 
 def colour_hit(image, caption: str) -> bool:
@@ -115,12 +115,14 @@ def test_shipped_default_loads_offline_generates_and_scores_above_its_floor(monk
     exact_256 = np.mean([score_image(im, p) for im, p in zip(big, prompts)])
     hits_256 = np.mean([colour_hit(im, p) for im, p in zip(big, prompts)])
     assert exact_256 >= floor_exact and hits_256 >= floor_hits, f"{family} 256 px: exact {exact_256:.2f}, colour hits {hits_256:.2f}"
-    if family == "dalle2":
-        # the DALL-E 2 SR, fine-tuned on full canvases in the twenty-third session, keeps the white
-        # background at 256 px: light-grey pixels (channel range < 20, mean in [200, 250)) were 40% of
-        # the image with the crop-trained SR, ~1% since (model card). Imagen's stays grey (Known gaps).
-        grey = [light_grey_share(im) for im in big]
-        assert np.median(grey) < 0.10, f"dalle2 256 px: median light-grey share {np.median(grey):.2f}"
+    # Since the twenty-sixth session both families' 256 px images come from Imagen's SR (DALL-E 2
+    # borrows it: shared_sr), whose field is a flat light grey (median ~247, the model card's Known
+    # gaps); the white field of the twenty-third session went with DALL-E 2's own SR. Checked here: a
+    # flat near-white field (channel range < 20, mean >= 200) around the shapes, not the noisy, dark
+    # or colour-cast one a broken SR path draws.
+    background = np.median(np.stack([np.asarray(im) for im in big]))
+    field = np.median([flat_light_share(im) for im in big])
+    assert background >= 240 and field >= 0.5, f"{family} 256 px: median pixel {background}, flat light field {field:.2f}"
 
 
 @pytest.mark.parametrize("family", ["imagen", "dalle2"])
