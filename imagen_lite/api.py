@@ -149,16 +149,16 @@ SHARED_REFINER_KEY = "shared_refiner"
 SHARED_SR_KEY = "shared_sr"
 
 
-def _sibling(path: Path, key: str, needs: str) -> Path | None:
+def _sibling(path: Path, key: str, needs: str, what: str) -> Path | None:
     """The sibling directory a DALL-E 2 directory's defaults file names under ``key`` (None when
-    it names none); ValueError when that sibling lacks ``needs``."""
+    it names none); ValueError, naming ``what`` it borrows, when that sibling lacks ``needs``."""
     sibling = presets.read_defaults(path).get(key)
     if not sibling:
         return None
     source = (Path(path).parent / sibling).resolve()
     if not (source / needs / "config.json").is_file():
-        raise ValueError(f"{str(path)!r} borrows from {str(source)!r} ({key}={sibling!r} in {presets.DEFAULTS_FILE}), "
-                         f"which has no {needs}/")  # fmt: skip
+        raise ValueError(f"{str(path)!r} borrows {what} from {str(source)!r} ({key}={sibling!r} in "
+                         f"{presets.DEFAULTS_FILE}), which has no {needs}/")  # fmt: skip
     return source
 
 
@@ -177,7 +177,7 @@ def shared_sr(path: Path, torch_dtype=None) -> dict:
     import diffusers
     import transformers
 
-    source = _sibling(path, SHARED_SR_KEY, "sr_unet")
+    source = _sibling(path, SHARED_SR_KEY, "sr_unet", "its SR")
     if source is None:
         return {}
     index = json.loads((source / "model_index.json").read_text())
@@ -209,13 +209,9 @@ def shared_refiner(path: Path, torch_dtype=None) -> dict:
     classes, and a directory saved from the loaded pipeline holds its own copy."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    sibling = presets.read_defaults(path).get(SHARED_REFINER_KEY)
-    if not sibling:
+    source = _sibling(path, SHARED_REFINER_KEY, "refiner", "its refiner")
+    if source is None:
         return {}
-    source = (Path(path).parent / sibling).resolve()
-    if not (source / "refiner" / "config.json").is_file():
-        raise ValueError(f"{str(path)!r} borrows its refiner from {str(source)!r} ({SHARED_REFINER_KEY}={sibling!r} in "
-                         f"{presets.DEFAULTS_FILE}), which has no refiner/")  # fmt: skip
     index = json.loads((source / "model_index.json").read_text())
     return dict(refiner=UNet2DModel.from_pretrained(source / "refiner", use_safetensors=True, **runtime.dtype_kwargs(torch_dtype)),
                 refiner_scheduler=DDPMScheduler.from_pretrained(source / "refiner_scheduler"),

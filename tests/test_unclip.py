@@ -741,7 +741,7 @@ def test_a_dalle2_directory_can_borrow_the_sr_of_a_sibling_imagen_directory(tmp_
     copy = UnCLIPLitePipeline.from_pretrained(tmp_path / "copy", use_safetensors=True)
     assert copy.stage_names == pipe.stage_names and copy.config.sr_max_sequence_length == imagen.config.max_sequence_length
     (tmp_path / "dalle2" / presets.DEFAULTS_FILE).write_text(json.dumps({**defaults, "shared_sr": "nowhere"}))
-    with pytest.raises(ValueError, match=r"borrows from .*nowhere.*which has no sr_unet/"):
+    with pytest.raises(ValueError, match=r"borrows its SR from .*nowhere.*which has no sr_unet/"):
         imagen_lite.api.shared_sr(tmp_path / "dalle2")
 
 

@@ -187,6 +187,13 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         return None
 
     @property
+    def _sr_kind(self) -> str:
+        """The SR stage's kind, as errors name it."""
+        if self.super_res_first is not None:
+            return "Karlo's (super_res_first/last)"
+        return "Imagen-style (sr_unet)" if getattr(self, "sr_unet", None) is not None else "absent"
+
+    @property
     def stage_sizes(self) -> list[int]:
         """Output side of each image stage (the prior makes an embedding, not an image);
         ``size`` in ``generate()`` picks one of these."""
@@ -219,9 +226,8 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         check_refiner_stage(self, refiner_start, decoder_start, self.decoder_scheduler, "decoder")
         if sr_start:
             if self.sr_unet is None:
-                kind = "Karlo's (super_res_first/last)" if self.super_res_first is not None else "absent"
                 raise ValueError(f"refiner_start={refiner_start!r} gives the SR stage a refiner below t = {sr_start}, but "
-                                 f"only an Imagen-style SR (sr_unet) runs the refiner; this pipeline's SR is {kind}: "
+                                 f"only an Imagen-style SR (sr_unet) runs the refiner; this pipeline's SR is {self._sr_kind}: "
                                  f"pass one timestep (the decoder's)")  # fmt: skip
             check_refiner_stage(self, refiner_start, sr_start, self.sr_scheduler, f"sr_{self.sr_side}")
         return decoder_start, sr_start
@@ -345,9 +351,8 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         if self.sr_unet is None:
             for name, value, unset in (("noise_level", noise_level, None), ("sr_strength", sr_strength, 1.0)):
                 if value != unset:
-                    kind = "Karlo's (super_res_first/last)" if self.super_res_first is not None else "absent"
                     raise ValueError(f"{name}={value!r} applies to an Imagen-style SR stage (sr_unet); this pipeline's "
-                                     f"SR is {kind}, which takes no {name}")  # fmt: skip
+                                     f"SR is {self._sr_kind}, which takes no {name}")  # fmt: skip
         else:
             noise_level = 250 if noise_level is None else noise_level
             max_level = self.image_noising_scheduler.config.num_train_timesteps
