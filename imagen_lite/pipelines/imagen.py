@@ -262,16 +262,9 @@ class ImagenPipeline(DiffusionPipeline):
         max_level = self.image_noising_scheduler.config.num_train_timesteps if self.image_noising_scheduler else 1000
         if len(stages) > 1 and not 0 <= int(noise_level) < max_level:
             raise ValueError(f"noise_level={noise_level!r} must be in [0, {max_level})")
-        if isinstance(sr_strength, bool) or not isinstance(sr_strength, (int, float)) or not 0.0 < sr_strength <= 1.0:
-            raise ValueError(f"sr_strength={sr_strength!r} must be a number in (0, 1]")
+        check_sr_strength(sr_strength, dict(zip(stages[1:], steps[1:])))
         sampling.denoising_steps(steps[0], denoising_end)  # ValueError naming a bad value, before any work
         refiner_starts = self.check_refiner_start(refiner_start, stages)
-        for k, name in enumerate(stages[1:], start=1):
-            if int(steps[k] * sr_strength) < 1:
-                raise ValueError(
-                    f"sr_strength={sr_strength!r} leaves no step of the {steps[k]} {name} steps to run; "
-                    f"use sr_strength >= {1 / steps[k]:.3g} or more steps"
-                )
         device = self._execution_device
         any_cfg = any(g > 1.0 for g in guidance)
         seconds: dict[str, float] = {}
@@ -355,6 +348,17 @@ class ImagenPipeline(DiffusionPipeline):
 
         # 5. Post-process
         return finish(self, image, output_type, return_dict, stage_outputs, seconds, return_stage_outputs)
+
+
+def check_sr_strength(sr_strength, sr_steps: dict[str, int]) -> None:
+    """ValueError naming an ``sr_strength`` outside (0, 1], or one that leaves an SR stage
+    (``sr_steps``: name -> the steps it is given) no step to run. Both families' Imagen SR stages."""
+    if isinstance(sr_strength, bool) or not isinstance(sr_strength, (int, float)) or not 0.0 < sr_strength <= 1.0:
+        raise ValueError(f"sr_strength={sr_strength!r} must be a number in (0, 1]")
+    for name, steps in sr_steps.items():
+        if int(steps * sr_strength) < 1:
+            raise ValueError(f"sr_strength={sr_strength!r} leaves no step of the {steps} {name} steps to run; "
+                             f"use sr_strength >= {1 / steps:.3g} or more steps")  # fmt: skip
 
 
 def super_resolve(pipe, unet, scheduler, low_res: torch.Tensor, context: torch.Tensor, *, steps: int, guidance: float,

@@ -62,7 +62,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import runtime, sampling
 from ..models.text_proj import UnCLIPTextProjection
 from .common import check_coord_channels, check_output_type, check_prompt, finish, inference_call, is_guidance_scale, load_scheduler, per_stage, per_stage_intervals, run_finite, timed, tokenize
-from .imagen import check_refiner, check_refiner_stage, refine_prediction, super_resolve
+from .imagen import check_refiner, check_refiner_stage, check_sr_strength, refine_prediction, super_resolve
 from .speed import reuse_constant_inputs
 
 
@@ -358,11 +358,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             max_level = self.image_noising_scheduler.config.num_train_timesteps
             if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level < max_level:
                 raise ValueError(f"noise_level={noise_level!r} must be an int in [0, {max_level})")
-            if isinstance(sr_strength, bool) or not isinstance(sr_strength, (int, float)) or not 0.0 < sr_strength <= 1.0:
-                raise ValueError(f"sr_strength={sr_strength!r} must be a number in (0, 1]")
-            if n_stages > 2 and int(steps[2] * sr_strength) < 1:
-                raise ValueError(f"sr_strength={sr_strength!r} leaves no step of the {steps[2]} {stages[2]} steps to "
-                                 f"run; use sr_strength >= {1 / steps[2]:.3g} or more steps")  # fmt: skip
+            check_sr_strength(sr_strength, dict(zip(stages[2:], steps[2:])))
         intervals = per_stage_intervals(guidance_interval, stages, model_stages=all_stages)
         if text_guidance_scale is not None and tuple(intervals[1]) != (0.0, 1.0):
             raise ValueError(
