@@ -14,15 +14,18 @@ or the shipped training_state.json's); --set FIELD=JSON changes a field from the
 --set of the same field, so a later lr drop goes in as a phase: --set 'phases={..., "25000": {"lr": 2e-5}}').
 --recipe picks the lineage; without it, the one the package ships (its training_state.json).
 --export writes the EMA weights as an fp16 pipeline directory (imagen_lite/weights/imagen ships
-it). The log and the shapes-accuracy curve (curve.jsonl) sit beside the checkpoints.
+it). The log and the shapes-accuracy curve (curve.jsonl) sit beside the checkpoints. A recipe
+under bf16 autocast on a CPU without AVX-512 BF16 / AMX (10x slower there) gets a warning that
+names --set bf16=false (twenty-seventh session).
 """
 
 import argparse
 import json
+import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from imagen_lite import presets
+from imagen_lite import presets, runtime
 from imagen_lite.training.default import (
     BASE_RECIPES, DALLE2_PLANS, DEFAULT_CACHE, TRAINING_STATE_FILE, WIP_DIR, BaseRunConfig, RefinerRunConfig, SRRunConfig, export_base_checkpoint,
     export_refiner_checkpoint, export_sr_checkpoint, lineage_name, resumed_config, shipped_recipe, train_base_plan, train_dalle2,
@@ -121,6 +124,12 @@ def main(argv=None):
         else:
             print(export_sr_checkpoint(cache, args.base_dir, args.export, args.resume))
         return
+    if cfg.bf16 and runtime.cpu_has_fast_bf16() is False:
+        # a recipe's bf16 autocast (v2+ bases, the refiner) is ~10x slower than float32 on a CPU
+        # without AVX-512 BF16 / AMX; the run keeps its recipe, the user is told how to change it
+        print(f"warning: --stage {args.stage} trains under bf16 autocast, and this CPU has none of "
+              f"{', '.join(runtime.FAST_BF16_CPU_FLAGS)}: its steps run about 10x slower than in float32 "
+              f"(python scripts/budget_speed.py times both); add --set bf16=false", file=sys.stderr)
     if args.stage == "imagen-base":
         result = train_base_plan(cfg, cache, args.minutes, resume, args.export, args.max_steps, warm_start=warm_start)
     elif args.stage == "imagen-refiner":

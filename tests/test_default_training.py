@@ -536,6 +536,36 @@ def test_the_v2_recipe_starts_from_scratch_in_its_own_cache(tmp_path, monkeypatc
     assert seen["cfg"].unshuffle_factor == 2 and seen["cfg"].phases == D.BASE_RECIPES["v4"]["phases"]
 
 
+def test_cpu_flags_say_whether_bf16_autocast_pays():
+    from imagen_lite import runtime
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert runtime.cpu_has_fast_bf16(avx2) is False
+    assert runtime.cpu_has_fast_bf16(avx2.replace("avx2", "avx2 avx512f avx512_bf16")) is True
+    assert runtime.cpu_has_fast_bf16(avx2.replace("avx2", "avx2 amx_bf16 amx_tile")) is True
+    assert runtime.cpu_has_fast_bf16("model name\t: something\n") is None  # no flags line: unknown
+    assert runtime.cpu_has_fast_bf16() in (True, False, None)  # this machine's /proc/cpuinfo parses
+
+
+def test_a_bf16_recipe_on_a_cpu_without_fast_bf16_warns_and_names_the_fix(tmp_path, monkeypatch, capsys):
+    """v2+ bases train under bf16 autocast, ~10x slower than float32 on AVX2-only CPUs: the
+    script says so and names --set bf16=false; the recipe itself is left as it is."""
+    from imagen_lite import runtime
+
+    script, seen = _train_default_script(tmp_path, monkeypatch)
+    monkeypatch.setattr(script, "WIP_DIR", tmp_path / "wip")
+    monkeypatch.setattr(imagen_lite.presets, "WEIGHTS_DIR", tmp_path / "weights")
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda cpuinfo=None: False)
+    script.main(["--stage", "imagen-base", "--recipe", "v2", "--minutes", "1"])
+    err = capsys.readouterr().err
+    assert seen["cfg"].bf16 is True and "avx512_bf16" in err and "--set bf16=false" in err
+    script.main(["--stage", "imagen-base", "--recipe", "v2", "--minutes", "1", "--set", "bf16=false"])
+    assert seen["cfg"].bf16 is False and "bf16" not in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda cpuinfo=None: True)
+    script.main(["--stage", "imagen-base", "--recipe", "v2", "--minutes", "1"])
+    assert seen["cfg"].bf16 is True and "bf16" not in capsys.readouterr().err
+
+
 def test_a_base_branch_takes_its_recipe_over_the_weights_of_another_lineage(tmp_path, monkeypatch):
     """--recipe v4d --warm-start <v4 weights>: the v4 weights and step, v4d's settings and phases
     (its detail phase: uniform timesteps from 24,366), in its own cache; the same weights under
