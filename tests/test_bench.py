@@ -61,7 +61,10 @@ def test_bench_every_section_tiny_one_round(tmp_path, tiny_dir, capsys):
     # the machine heads the table; the JSON holds the same report
     assert printed.startswith("Machine: ") and "cores" in printed and "load average" in printed
     saved = json.loads(out.read_text())
-    assert set(saved["machine"]) >= {"cpu", "cores", "ram_gib", "gpu", "torch", "diffusers", "date", "load_average"}
+    assert set(saved["machine"]) >= {"cpu", "cores", "ram_gib", "gpu", "fast_bf16", "torch", "diffusers", "date", "load_average"}
+    # an AVX2-only EPYC and an AVX-512 BF16 one share their model name: the header tells them apart
+    bf16_note = {True: "(AVX-512 BF16 / AMX)", False: "(no AVX-512 BF16 / AMX)"}.get(saved["machine"]["fast_bf16"], "")
+    assert bf16_note in printed.splitlines()[0]
     assert saved["sections"] == ["sampling", "quality", "training", "gpu"]
 
     # (a) sampling: per-stage rows and end to end for both families, same images as diffusers

@@ -44,6 +44,7 @@ from typing import Callable
 
 import torch
 
+from .. import runtime
 from ..models import components as C
 
 # ---------------------------------------------------------------------- machine and timing
@@ -73,6 +74,9 @@ def machine_info() -> dict:
         "cores": os.cpu_count(),
         "ram_gib": ram_gib,
         "gpu": gpu,
+        # the same "AMD EPYC" comes with and without AVX-512 BF16, and bf16 autocast is ~10x
+        # slower without it: the header says which (None where /proc/cpuinfo has no flags)
+        "fast_bf16": runtime.cpu_has_fast_bf16(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
@@ -91,10 +95,14 @@ def load_average() -> list[float] | None:
         return None
 
 
+def _bf16_note(fast_bf16: bool | None) -> str:
+    return {True: " (AVX-512 BF16 / AMX)", False: " (no AVX-512 BF16 / AMX)"}.get(fast_bf16, "")
+
+
 def machine_header(info: dict) -> str:
     """One markdown paragraph describing the machine."""
     return (
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, GPU: {info['gpu']}; "
+        f"Machine: {info['cpu']}{_bf16_note(info.get('fast_bf16'))}, {info['cores']} cores, {info['ram_gib']} GiB RAM, GPU: {info['gpu']}; "
         f"torch {info['torch']} ({info['torch_threads']} threads), diffusers {info['diffusers']}, "
         f"transformers {info['transformers']}, Python {info['python']}; {info['date']}; "
         f"load average {info['load_average']}."
