@@ -57,10 +57,11 @@ def machine_info() -> dict:
 
     cpu = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpuinfo = f.read()
     except OSError:
-        pass
+        cpuinfo = ""
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), cpu)
     ram_gib = None
     try:
         with open("/proc/meminfo", encoding="utf-8") as f:
@@ -76,7 +77,7 @@ def machine_info() -> dict:
         "gpu": gpu,
         # the same "AMD EPYC" comes with and without AVX-512 BF16, and bf16 autocast is ~10x
         # slower without it: the header says which (None where /proc/cpuinfo has no flags)
-        "fast_bf16": runtime.cpu_has_fast_bf16(),
+        "fast_bf16": runtime.cpu_has_fast_bf16(cpuinfo),  # None with no cpuinfo
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
