@@ -972,6 +972,26 @@ def test_probe_dalle2_binding_runs_both_checks_on_the_shipped_default(capsys):
     assert "oracle: prior " in capsys.readouterr().out
 
 
+def test_probe_dalle2_binding_oracle_takes_any_kinds_and_prompt_set(capsys):
+    """--kinds / --prompt-seed choose the prompts; the summary counts every image once per mode."""
+    import runpy
+
+    from imagen_lite.data.shapes import prompt_set
+
+    probe = runpy.run_path(str(imagen_lite.__path__[0] + "/../scripts/probe_dalle2_binding.py"))
+    out = probe["main"](["--checks", "oracle", "--kinds", "single", "counting", "--prompt-seed", "1", "--seeds", "0",
+                         "--n-prompts", "10"])  # fmt: skip
+    wanted = {k for _, k in prompt_set(10, 1) if k in ("single", "counting")}
+    assert {kind for _, kind in out["oracle"]} == wanted
+    n = sum(1 for _, k in prompt_set(10, 1) if k in wanted)
+    printed = capsys.readouterr().out
+    for mode in ("prior", "oracle"):
+        assert sum(sum(c.values()) for (m, _), c in out["oracle"].items() if m == mode) == n
+        assert f"oracle: {mode:6s} right " in printed
+    with pytest.raises(SystemExit):
+        probe["main"](["--checks", "oracle", "--kinds", "squares"])
+
+
 def tiny_refiner_cfg(**kw) -> D.RefinerRunConfig:
     return D.RefinerRunConfig(batch_size=2, warmup_steps=2, checkpoint_every=2,
                               size=dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8), **kw)  # fmt: skip
