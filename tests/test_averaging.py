@@ -103,6 +103,23 @@ def test_tensor_shape_mismatch_leaves_nothing_behind(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
+def test_integer_tensors_are_copied_when_equal_and_refused_when_not(tmp_path):
+    from safetensors.torch import save_file
+
+    a, b = snapshot(tmp_path / "a", 0), snapshot(tmp_path / "b", 1)
+    for folder in (a, b):
+        w = weights_of(folder)
+        w["position_ids"] = torch.arange(4)
+        save_file(w, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    average_pipeline(a, [a, b], ["unet"], tmp_path / "out")
+    assert torch.equal(weights_of(tmp_path / "out")["position_ids"], torch.arange(4))
+    w = weights_of(b)
+    w["position_ids"] = torch.arange(4).flip(0)
+    save_file(w, b / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match=r"integer tensor position_ids differs"):
+        average_pipeline(a, [a, b], ["unet"], tmp_path / "out2")
+
+
 def test_script_reports_bad_input_without_a_traceback(tmp_path):
     a = snapshot(tmp_path / "a", 0)
     cmd = [sys.executable, str(ROOT / "scripts" / "average_checkpoints.py"), "--base", str(a), "--components", "unet",

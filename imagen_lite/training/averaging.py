@@ -11,7 +11,7 @@ The unit is a pipeline *component* in its diffusers/transformers layout (``unet/
 Every snapshot's component must have the same config (architecture) and the same tensor names
 and shapes; anything else is an error naming the file and the tensor, never a silent mix.
 Averages are taken in float32 and written in each tensor's stored dtype (fp16 for the shipped
-weights). Components that are read together (Imagen's T5 and the base UNet it conditions)
+weights); integer tensors (position-id buffers) must be equal in every snapshot and are copied. Components that are read together (Imagen's T5 and the base UNet it conditions)
 should be averaged with the same weights, so that the pair stays a point of one run.
 
     python scripts/average_checkpoints.py --base imagen_lite/weights/imagen --components unet text_encoder \
@@ -89,7 +89,8 @@ def average_component(component_dirs: list[Path], out_dir: Path, weights=None) -
         names = sorted(f.keys())
         metadata = f.metadata()
         first = {k: f.get_tensor(k) for k in names}
-    total = {k: first[k].float() * weights[0] for k in names}
+    floats = [k for k in names if torch.is_floating_point(first[k])]
+    total = {k: first[k].float() * weights[0] for k in floats}
     for path, w in zip(files[1:], weights[1:]):
         with safe_open(path, framework="pt") as f:
             other_names = sorted(f.keys())
@@ -101,12 +102,11 @@ def average_component(component_dirs: list[Path], out_dir: Path, weights=None) -
                 t = f.get_tensor(k)
                 if t.shape != first[k].shape:
                     raise ValueError(f"{path}: tensor {k} has shape {tuple(t.shape)}, {files[0]} has {tuple(first[k].shape)}")
-                total[k] += t.float() * w
-    averaged = {}
-    for k in names:
-        if not torch.is_floating_point(first[k]):
-            raise ValueError(f"{files[0]}: tensor {k} is {first[k].dtype}; only floating-point weights can be averaged")
-        averaged[k] = total[k].to(first[k].dtype).contiguous()
+                if k in total:
+                    total[k] += t.float() * w
+                elif not torch.equal(t, first[k]):  # integer buffers (position ids...) are copied, so they must agree
+                    raise ValueError(f"{path}: integer tensor {k} differs from {files[0]}'s; it cannot be averaged")
+    averaged = {k: (total[k].to(first[k].dtype) if k in total else first[k]).contiguous() for k in names}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(component_dirs[0] / "config.json", out_dir / "config.json")
