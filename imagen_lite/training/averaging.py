@@ -11,8 +11,9 @@ The unit is a pipeline *component* in its diffusers/transformers layout (``unet/
 Every snapshot's component must have the same config (architecture) and the same tensor names
 and shapes; anything else is an error naming the file and the tensor, never a silent mix.
 Averages are taken in float32 and written in each tensor's stored dtype (fp16 for the shipped
-weights); integer tensors (position-id buffers) must be equal in every snapshot and are copied. Components that are read together (Imagen's T5 and the base UNet it conditions)
-should be averaged with the same weights, so that the pair stays a point of one run.
+weights); integer tensors (position-id buffers) must be equal in every snapshot and are copied.
+Components that are read together (Imagen's T5 and the base UNet it conditions) should be
+averaged with the same weights, so that the pair stays a point of one run.
 
     python scripts/average_checkpoints.py --base imagen_lite/weights/imagen --components unet text_encoder \
         --snapshots SNAP_A SNAP_B --out /tmp/avg/imagen
