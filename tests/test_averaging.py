@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNet2DModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from imagen_lite.training.averaging import average_component, average_pipeline, normalise_weights
 
@@ -91,8 +91,6 @@ def test_bad_arguments_name_the_value(tmp_path):
 def test_tensor_shape_mismatch_leaves_nothing_behind(tmp_path):
     a, b = snapshot(tmp_path / "a", 0), snapshot(tmp_path / "b", 1)
     # same config, but one tensor of b replaced by another shape: a corrupt or foreign snapshot
-    from safetensors.torch import save_file
-
     wb = weights_of(b)
     k = sorted(wb)[0]
     wb[k] = torch.zeros(3, dtype=torch.float16)
@@ -104,8 +102,6 @@ def test_tensor_shape_mismatch_leaves_nothing_behind(tmp_path):
 
 
 def test_integer_tensors_are_copied_when_equal_and_refused_when_not(tmp_path):
-    from safetensors.torch import save_file
-
     a, b = snapshot(tmp_path / "a", 0), snapshot(tmp_path / "b", 1)
     for folder in (a, b):
         w = weights_of(folder)

@@ -77,7 +77,7 @@ def machine_info() -> dict:
         "gpu": gpu,
         # the same "AMD EPYC" comes with and without AVX-512 BF16, and bf16 autocast is ~10x
         # slower without it: the header says which (None where /proc/cpuinfo has no flags)
-        "fast_bf16": runtime.cpu_has_fast_bf16(cpuinfo),  # None with no cpuinfo
+        "fast_bf16": runtime.cpu_has_fast_bf16(cpuinfo),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,

@@ -130,6 +130,9 @@ def average_pipeline(base: Path, snapshots: list[Path], components: list[str], o
         raise ValueError(f"--out {out} exists; choose a new folder (averages never overwrite)")
     if not components:
         raise ValueError("components: none given")
+    if not snapshots:
+        raise ValueError("snapshots: none given")
+    weights = normalise_weights(weights, len(snapshots))  # checked once, before anything is copied
     for name in components:
         if not (base / name).is_dir():
             have = sorted(p.name for p in base.iterdir() if (p / "config.json").is_file())
