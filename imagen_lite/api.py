@@ -232,7 +232,7 @@ def _dir_preset(path: Path, pipeline: str, fallback: presets.Preset) -> presets.
         guidance_interval=_pairs(d.get("guidance_interval", fallback.guidance_interval)),
         extra={"scheduler": d.get("scheduler"), "text_guidance_scale": d.get("text_guidance_scale"),
                "denoising_end": d.get("denoising_end"), "refiner_start": d.get("refiner_start"),
-               "saves_sr": "sr_strength" in d},
+               "decoder_candidates": d.get("decoder_candidates"), "saves_sr": "sr_strength" in d},
     )  # fmt: skip
 
 
@@ -350,11 +350,12 @@ def check_call_kwargs(pipeline: str, kwargs: dict) -> None:
 
 def family_call_defaults(pipeline: str, preset: presets.Preset) -> dict:
     """The pipeline-call keywords a model's preset fills in when the caller gives none: its
-    ``guidance_interval``, for DALL-E 2 a saved ``text_guidance_scale`` and ``refiner_start``, and
+    ``guidance_interval``, for DALL-E 2 a saved ``text_guidance_scale``, ``refiner_start`` and
+    ``decoder_candidates`` (twenty-ninth session), and
     for the Imagen family its :data:`IMAGEN_ONLY_KWARGS` and ``refiner_start`` (``denoising_end`` and
     ``refiner_start`` only where its defaults file saves them)."""
     if pipeline != "imagen":  # a saved text_guidance_scale (three-branch decoder guidance) / refiner_start are dalle2 defaults too
-        saved = {k: preset.extra.get(k) for k in ("text_guidance_scale", "refiner_start")}
+        saved = {k: preset.extra.get(k) for k in ("text_guidance_scale", "refiner_start", "decoder_candidates")}
         if preset.extra.get("saves_sr"):  # an Imagen-style SR stage's settings (twenty-sixth session)
             saved.update(noise_level=preset.noise_level, sr_strength=preset.sr_strength)
         return {"guidance_interval": preset.guidance_interval, **{k: v for k, v in saved.items() if v is not None}}

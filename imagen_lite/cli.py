@@ -53,7 +53,8 @@ def _timesteps(text: str):
 
 
 def add_call_arguments(parser) -> None:
-    """``--guidance-interval``, ``--sr-strength``, ``--denoising-end``, ``--refiner-start`` and ``--text-guidance`` for
+    """``--guidance-interval``, ``--sr-strength``, ``--denoising-end``, ``--refiner-start``, ``--text-guidance`` and
+    ``--decoder-candidates`` for
     the commands that call ``generate()`` (generate, eval shapes)."""
     parser.add_argument("--guidance-interval", type=_interval, nargs="+", default=None, metavar="START,STOP",
                         help="the fraction of each guided stage's steps that use guidance, 0 = the noisiest: "
@@ -69,18 +70,22 @@ def add_call_arguments(parser) -> None:
     parser.add_argument("--text-guidance", type=float, default=None, dest="text_guidance_scale",
                         help="dalle2: the decoder's caption-alone guidance s_t (three-branch guidance, "
                              "UnCLIPLitePipeline's text_guidance_scale; default: the model's)")  # fmt: skip
+    parser.add_argument("--decoder-candidates", type=int, default=None, dest="decoder_candidates", metavar="K",
+                        help="dalle2: 64 px samples drawn per image, the one the decoder's caption-alone branch "
+                             "explains best kept; 1: no re-ranking (default: the model's)")  # fmt: skip
 
 
 def call_kwargs(args) -> dict:
     """The pipeline-call keywords given on the command line (``guidance_interval``,
-    ``sr_strength``, ``denoising_end``, ``refiner_start``, ``text_guidance_scale``); one not given is left to the
+    ``sr_strength``, ``denoising_end``, ``refiner_start``, ``text_guidance_scale``, ``decoder_candidates``); one not given is left to the
     model's default."""
     interval = args.guidance_interval
     if interval is not None:  # one pair: every stage; several: one per stage
         interval = interval[0] if len(interval) == 1 else tuple(interval)
     given = {"guidance_interval": interval, "sr_strength": args.sr_strength, "denoising_end": args.denoising_end,
              "refiner_start": getattr(args, "refiner_start", None),
-             "text_guidance_scale": getattr(args, "text_guidance_scale", None)}
+             "text_guidance_scale": getattr(args, "text_guidance_scale", None),
+             "decoder_candidates": getattr(args, "decoder_candidates", None)}
     return {k: v for k, v in given.items() if v is not None}
 
 

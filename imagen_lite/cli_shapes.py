@@ -149,6 +149,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
         "sr_strength": args.sr_strength,
         "denoising_end": args.denoising_end,
         "refiner_start": args.refiner_start,
+        "decoder_candidates": args.decoder_candidates,
         "guidance_interval": call_kwargs(args).get("guidance_interval"),
         "device": args.device,
         "dtype": args.dtype,

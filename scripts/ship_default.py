@@ -216,6 +216,8 @@ def main(argv=None):
                    help="the fraction of each guided stage's steps that use guidance (default: all, 0,1)")
     p.add_argument("--text-guidance", type=float, default=None,
                    help="dalle2: the decoder's text_guidance_scale (three-branch guidance; default: none, two-branch)")
+    p.add_argument("--decoder-candidates", type=int, default=None, metavar="K",
+                   help="dalle2: 64 px samples per image, re-ranked by the decoder's caption-alone error (default: 1, none)")
     p.add_argument("--scheduler", default="ddim")
     p.add_argument("--noise-level", type=int, default=100)
     p.add_argument("--sr-strength", type=float, default=None,
@@ -263,6 +265,13 @@ def main(argv=None):
         if not is_guidance_scale(args.text_guidance):
             p.error(f"--text-guidance {args.text_guidance}: it must be a number >= 0")
         defaults["text_guidance_scale"] = args.text_guidance
+    if args.decoder_candidates is not None:
+        if args.family != "dalle2":
+            p.error(f"--decoder-candidates {args.decoder_candidates} applies to --family dalle2 only (its decoder re-ranks)")
+        if args.decoder_candidates < 1:
+            p.error(f"--decoder-candidates {args.decoder_candidates}: a positive number of samples per image (1: none)")
+        if args.decoder_candidates > 1:
+            defaults["decoder_candidates"] = args.decoder_candidates
     if args.shared_sr and args.family != "dalle2":
         p.error("--shared-sr applies to --family dalle2 only (it borrows the Imagen default's SR)")
     if args.family == "imagen" or args.shared_sr:

@@ -249,6 +249,55 @@ def test_prior_candidates_pick_the_embedding_closest_to_the_text(lite):
     assert torch.equal(one, lite("a red circle", generator=_gen(3), **kw).stage_images["prior"])  # 1 is the default
 
 
+def test_decoder_candidates_keep_the_sample_with_the_lowest_caption_error(lite):
+    """decoder_candidates=k draws k whole samples per image from the same noise as k images per
+    prompt would, scores them with caption_error, and keeps each image's lowest; the prior's
+    stage output follows the kept sample."""
+    kw = dict(num_inference_steps=2, guidance_scale=(4.0, 8.0), num_stages=2, return_stage_outputs=True, output_type="pt")
+    prompts = ["a red circle", "a blue square"]
+    many = lite(prompts, num_images_per_prompt=3, generator=_gen(3), **kw)
+    seen = []
+    real = lite.caption_error
+    lite.caption_error = lambda images, text, generator=None, group=1: seen.append((images, group, real(images, text, generator, group=group))) or seen[-1][2]
+    try:
+        best = lite(prompts, decoder_candidates=3, generator=_gen(3), **kw)
+    finally:
+        del lite.caption_error
+    (scored, group, errors), = seen
+    torch.testing.assert_close(scored, many.images)  # the candidates are the k-images-per-prompt draws
+    assert group == 3  # each image's candidates share their noise draws
+    assert errors.shape == (6,) and len(set(errors.tolist())) == 6  # distinct samples, distinct errors
+    pick = errors.view(2, 3).argmin(dim=1) + torch.tensor([0, 3])
+    assert best.images.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(best.images, many.images[pick])
+    torch.testing.assert_close(best.stage_images["prior"], many.stage_images["prior"][pick])
+    one = lite(prompts, decoder_candidates=1, generator=_gen(3), **kw).images
+    assert torch.equal(one, lite(prompts, generator=_gen(3), **kw).images)  # 1 is the default: no re-ranking
+    two = lite(prompts, decoder_candidates=2, num_images_per_prompt=2, generator=_gen(3), **kw)
+    assert two.images.shape == (4, 3, 16, 16)  # k candidates for each of the images per prompt
+
+
+def test_caption_error_reads_the_caption_and_is_seeded(lite):
+    """caption_error: one error per image, the same for the same generator seed, different for
+    another caption (the caption-alone branch reads the text); shapes and timesteps checked."""
+    images = lite(["a red circle"] * 2, num_inference_steps=2, num_stages=2, generator=_gen(0), output_type="pt").images
+    red, green = lite.encode_prompt(["a red circle"] * 2), lite.encode_prompt(["a green triangle on the left"] * 2)
+    e = lite.caption_error(images, red, _gen(1))
+    assert e.shape == (2,) and torch.isfinite(e).all() and (e > 0).all()
+    assert torch.equal(e, lite.caption_error(images, red, _gen(1)))
+    assert not torch.allclose(e, lite.caption_error(images, green, _gen(1)))
+    with pytest.raises(ValueError, match=r"caption_error takes \(N, 3, 16, 16\) images and N caption rows; got \(2, 3, 8, 8\)"):
+        lite.caption_error(images[:, :, :8, :8], red)
+    with pytest.raises(ValueError, match=r"timesteps=\(1000,\) must be ints in \[0, 1000\)"):
+        lite.caption_error(images, red, timesteps=(1000,))
+    with pytest.raises(ValueError, match=r"group=3 must be a positive integer that divides the 2 images"):
+        lite.caption_error(images, red, group=3)
+    # common random numbers: two copies of one image in a group get the same error
+    twin = lite.caption_error(images[:1].repeat(2, 1, 1, 1), red, _gen(1), group=2)
+    assert twin[0] == twin[1]
+    apart = lite.caption_error(images[:1].repeat(2, 1, 1, 1), red, _gen(1))
+    assert apart[0] != apart[1]
+
 def test_guidance_interval_guides_only_its_steps(lite):
     """The prior's and decoder's steps outside guidance_interval run the conditional half alone
     (one row per image, its conditioning the conditional rows); (0, 1) guides every step."""
@@ -301,6 +350,8 @@ def test_negative_prompt_and_prompt_embeds(lite):
         (dict(num_images_per_prompt=0), r"num_images_per_prompt=0"),
         (dict(prior_candidates=0), r"prior_candidates=0 must be a positive integer"),
         (dict(prior_candidates=2.0), r"prior_candidates=2.0 must be a positive integer"),
+        (dict(decoder_candidates=0), r"decoder_candidates=0 must be a positive integer"),
+        (dict(decoder_candidates=True), r"decoder_candidates=True must be a positive integer"),
         (dict(num_inference_steps=(2, 1, 2)), r"num_inference_steps for stage .decoder. is 1; UnCLIPScheduler needs at least 2"),
     ],
 )
@@ -441,6 +492,31 @@ def test_a_saved_text_guidance_scale_is_a_default_of_generate(api, lite, tmp_pat
         api.generate("a red circle", pipeline="imagen", device="cpu", size=64, text_guidance_scale=2.0)
 
 
+def test_saved_decoder_candidates_are_a_default_of_generate(api, lite, tmp_path):
+    """imagen_lite_defaults.json may hold decoder_candidates (the embedded default's since the
+    twenty-ninth session): generate() then re-ranks unless the call says otherwise."""
+    import json
+
+    path = tmp_path / "unclip-rerank"
+    lite.save_pretrained(path, safe_serialization=True)
+    defaults = {"num_inference_steps": [2, 2, 2], "guidance_scale": [2.0, 2.0, 1.0], "decoder_candidates": 3}
+    (path / "imagen_lite_defaults.json").write_text(json.dumps(defaults))
+    kw = dict(pipeline="dalle2", model=str(path), device="cpu", seed=0, size=16)
+    pipe = api.load_pipeline("dalle2", model=str(path), device="cpu")
+    calls = []
+    h = pipe.decoder.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        api.generate("a red circle", **kw)
+        assert calls[0] == 2 * 3  # guided rows of three candidates
+        calls.clear()
+        api.generate("a red circle", decoder_candidates=1, **kw)
+        assert calls[0] == 2
+    finally:
+        h.remove()
+    with pytest.raises(ValueError, match="decoder_candidates"):
+        api.generate("a red circle", pipeline="imagen", device="cpu", size=64, decoder_candidates=2)
+
+
 def test_the_cli_passes_text_guidance_to_generate():
     """--text-guidance on `generate` and `eval shapes` becomes text_guidance_scale; left out, the
     model's own default stands."""
@@ -452,6 +528,8 @@ def test_the_cli_passes_text_guidance_to_generate():
     args = parser.parse_args(["generate", "a red circle", "--pipeline", "dalle2", "--text-guidance", "3.5"])
     assert call_kwargs(args)["text_guidance_scale"] == 3.5
     assert "text_guidance_scale" not in call_kwargs(parser.parse_args(["generate", "a red circle"]))
+    args = parser.parse_args(["eval", "shapes", "--pipeline", "dalle2", "--decoder-candidates", "2"])
+    assert call_kwargs(args) == {"decoder_candidates": 2}
 
 
 # ---------------------------------------------------------------- the decoder's low-noise refiner

@@ -66,6 +66,14 @@ from .imagen import check_refiner, check_refiner_stage, check_sr_strength, refin
 from .speed import reuse_constant_inputs
 
 
+RERANK_TIMESTEPS = (500, 600, 700, 800, 900)
+"""Timesteps at which :meth:`UnCLIPLitePipeline.caption_error` noises a candidate. The high half
+of the schedule: there the caption decides the layout, and on the embedded default the lower
+half added nothing to the ranking (twenty-ninth session, model card)."""
+RERANK_DRAWS = 2
+"""Noise draws per timestep in :meth:`UnCLIPLitePipeline.caption_error`."""
+
+
 class CLIPTextEmbeds(NamedTuple):
     """What :meth:`UnCLIPLitePipeline.encode_prompt` returns (a tuple, so it unpacks)."""
 
@@ -253,6 +261,62 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         out = self.text_encoder(inputs.input_ids.to(device))
         return CLIPTextEmbeds(out.text_embeds, out.last_hidden_state, inputs.attention_mask.bool().to(device))
 
+    # ------------------------------------------------------------------ re-ranking
+    @torch.no_grad()
+    def caption_error(self, images: torch.Tensor, text: CLIPTextEmbeds, generator: torch.Generator | None = None,
+                      timesteps=None, group: int = 1) -> torch.Tensor:
+        """How badly the decoder's caption-alone branch explains each 64 px image: (N,) mean x0
+        squared error over ``timesteps`` (default :data:`RERANK_TIMESTEPS`) and
+        :data:`RERANK_DRAWS` noise draws each, the decoder given its row's caption (``text``:
+        :meth:`encode_prompt` rows, one per image) and the learned unconditional image embedding.
+
+        A diffusion model's conditional denoising error is a zero-shot classifier of its
+        condition (Li et al. 2023, "Your Diffusion Model is Secretly a Zero-Shot Classifier";
+        Clark & Jaini 2023). The caption-alone branch, not the prior's z_i: the decoder draws
+        what its z_i says, so that branch agrees with a wrong image too (why re-ranking by the
+        family's CLIP did not help, ninth session); the caption-alone branch, which a decoder
+        trained with ``image_embed_dropout`` has learned, judges the image against the words.
+        ``images``: (N, 3, H, W) in [-1, 1] at the decoder's output size. ``group``: rows
+        ``i*group .. i*group+group-1`` are candidates for one image and are noised with the same
+        draws (common random numbers: their errors differ by the images, not by the noise).
+        Lower is better."""
+        decoder, scheduler, proj = self.decoder, self.decoder_scheduler, self.text_proj
+        timesteps = RERANK_TIMESTEPS if timesteps is None else tuple(timesteps)
+        n_train = scheduler.config.num_train_timesteps
+        if not timesteps or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_train for t in timesteps):
+            raise ValueError(f"timesteps={timesteps!r} must be ints in [0, {n_train})")
+        r = self.config.unshuffle_factor
+        side, coords = decoder.config.sample_size, self.config.get("coord_channels", 0)
+        n, device = images.shape[0], images.device
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1 or n % group:
+            raise ValueError(f"group={group!r} must be a positive integer that divides the {n} images")
+        if tuple(images.shape[1:]) != (3, side * r, side * r) or text.text_embeds.shape[0] != n:
+            raise ValueError(f"caption_error takes (N, 3, {side * r}, {side * r}) images and N caption rows; got "
+                             f"{tuple(images.shape)} and {text.text_embeds.shape[0]} rows")  # fmt: skip
+        learned = proj.learned_classifier_free_guidance_embeddings.unsqueeze(0).expand(n, -1)
+        context, time_embeddings = proj(
+            image_embeddings=learned, prompt_embeds=text.text_embeds.to(proj.dtype),
+            text_encoder_hidden_states=text.hidden_states.to(proj.dtype), do_classifier_free_guidance=False,
+        )  # fmt: skip
+        context, time_embeddings = context.to(decoder.dtype), time_embeddings.to(decoder.dtype)
+        mask = F.pad(text.mask, (proj.config.clip_extra_context_tokens, 0), value=True)
+        x0 = sampling.pixel_unshuffle(images.to(decoder.dtype), r)
+        grid = sampling.coordinate_grid(n, side, device, decoder.dtype) if coords else None
+        alphas = scheduler.alphas_cumprod
+        errors = torch.zeros(n, device=device, dtype=torch.float32)
+        for _ in range(RERANK_DRAWS):
+            for t in timesteps:
+                noise = randn_tensor((n // group, *x0.shape[1:]), generator=generator, device=device, dtype=x0.dtype)
+                noise = noise.repeat_interleave(group, dim=0)
+                a = alphas[t].item()
+                x_t = a**0.5 * x0 + (1 - a) ** 0.5 * noise
+                model_input = x_t if grid is None else torch.cat([x_t, grid], dim=1)
+                out = decoder(model_input, torch.full((n,), t, device=device), encoder_hidden_states=context,
+                              class_labels=time_embeddings, attention_mask=mask, return_dict=False)[0]  # fmt: skip
+                x0_hat = sampling.x0_from_prediction(out[:, : x0.shape[1]], x_t, a, scheduler.config.prediction_type)
+                errors += (x0_hat.float() - x0.float()).pow(2).mean(dim=(1, 2, 3))
+        return errors / (RERANK_DRAWS * len(timesteps))
+
     # ------------------------------------------------------------------ call
     @inference_call
     def __call__(
@@ -266,6 +330,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
         prior_candidates: int = 1,
+        decoder_candidates: int = 1,
         image_embeds: torch.Tensor | None = None,
         text_guidance_scale: float | None = None,
         refiner_start: int | tuple = 0,
@@ -301,6 +366,14 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 (DALL-E 2, section 2.1: two samples, the higher dot product with z_t). 1 (the
                 default) draws one, as ``UnCLIPPipeline`` does; k costs k prior samples, and
                 the prior is the cheap stage. Must be 1 when ``image_embeds`` are given.
+            decoder_candidates: whole 64 px samples (prior and decoder) drawn per image; the one
+                the decoder's caption-alone branch explains best is kept and goes on to the SR
+                (:meth:`caption_error`: its x0 error at timesteps :data:`RERANK_TIMESTEPS`, given
+                the caption and the learned unconditional image embedding; lower is better).
+                1 (the default, as ``UnCLIPPipeline``): no re-ranking. k costs k prior and
+                decoder samples plus ``2 * len(RERANK_TIMESTEPS)`` decoder passes per candidate.
+                Needs a decoder trained with ``image_embed_dropout`` (one that has learned the
+                caption alone); the embedded default's is (twenty-ninth session, model card).
             image_embeds: (B, D) CLIP image embeddings (e.g. from :func:`encode_images`), one per
                 prompt; given, the prior is skipped and the decoder is conditioned on them.
             text_guidance_scale: None (the default): the decoder's guidance is the usual two-branch
@@ -373,6 +446,8 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive integer")
         if isinstance(prior_candidates, bool) or not isinstance(prior_candidates, int) or prior_candidates < 1:
             raise ValueError(f"prior_candidates={prior_candidates!r} must be a positive integer (1: no re-ranking)")
+        if isinstance(decoder_candidates, bool) or not isinstance(decoder_candidates, int) or decoder_candidates < 1:
+            raise ValueError(f"decoder_candidates={decoder_candidates!r} must be a positive integer (1: no re-ranking)")
         batch = len(prompts) if prompt_embeds is None else prompt_embeds[0].shape[0]
         width = self.text_proj.config.clip_embeddings_dim
         if image_embeds is not None and (
@@ -415,10 +490,11 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 if len(negs) != batch:
                     raise ValueError(f"negative_prompt has {len(negs)} entries but prompt has {batch}; pass one or {batch}")
                 negative_prompt_embeds = self.encode_prompt(negs, device)
-        cond = CLIPTextEmbeds(*(x.to(device) for x in prompt_embeds)).repeat_interleave(num_images_per_prompt)
+        per_prompt = num_images_per_prompt * decoder_candidates  # rows i*k .. i*k+k-1: image i's candidates
+        cond = CLIPTextEmbeds(*(x.to(device) for x in prompt_embeds)).repeat_interleave(per_prompt)
         uncond = None
         if negative_prompt_embeds is not None:
-            uncond = CLIPTextEmbeds(*(x.to(device) for x in negative_prompt_embeds)).repeat_interleave(num_images_per_prompt)
+            uncond = CLIPTextEmbeds(*(x.to(device) for x in negative_prompt_embeds)).repeat_interleave(per_prompt)
         n = cond.text_embeds.shape[0]
 
         def text_inputs(cfg: bool, dtype, k: int = 1) -> CLIPTextEmbeds:
@@ -462,7 +538,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             with timed(seconds, "prior"):
                 image_embeds = run_finite("prior", run_prior_stage, [self.prior], generator)
         else:
-            image_embeds = image_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+            image_embeds = image_embeds.to(device).repeat_interleave(per_prompt, dim=0)
         stage_outputs["prior"] = image_embeds
 
         # 4. Decoder: z_i + text -> 64px
@@ -527,6 +603,14 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         with timed(seconds, "decoder"):
             image = run_finite("decoder", run_decoder, [self.decoder, self.text_proj, self.refiner if refiner_start else None], generator)
         stage_outputs["decoder"] = image
+
+        if decoder_candidates > 1:  # keep each image's best candidate (docstring: decoder_candidates)
+            with timed(seconds, "rerank"):
+                k = decoder_candidates
+                errors = run_finite("rerank", lambda: self.caption_error(image, cond, generator, group=k), [self.decoder, self.text_proj])
+                best = errors.view(-1, k).argmin(dim=1) + torch.arange(0, errors.numel(), k, device=errors.device)
+                image, n = image[best], n // k
+                stage_outputs = {name: out[best] for name, out in stage_outputs.items()}
 
         # 5. Super-resolution: bicubic upsample -> 256; super_res_first, then super_res_last for the last step
         #    (Karlo's), or an Imagen-style SR on the null text (super_resolve)
