@@ -235,9 +235,25 @@ def test_guidance_interval_is_passed_and_reported(models):
                 dalle2={"num_inference_steps": 2})  # fmt: skip
     assert r.summary["imagen"]["guidance_interval"] == {"base": (0.0, 0.5)}
     assert "| guided steps (fraction) | [0, 0.5) | [0, 1) / [0, 1) |" in r.markdown()
+    assert "samples per image" not in r.markdown()  # no model re-ranks: no row
     got = imagen_lite.generate("a red circle", model=models["imagen"], seed=0, size=16, num_inference_steps=4,
                                guidance_scale=3.0, guidance_interval=(0, 0.5), device="cpu")  # fmt: skip
     assert np.array_equal(np.asarray(got[0]), np.asarray(r.images[("imagen", 0, 0)]))
+
+
+def test_a_saved_decoder_candidates_default_is_run_and_reported(dirs, tmp_path):
+    """A dalle2 model whose defaults re-rank (decoder_candidates) is compared as generate() runs
+    it, and the table says how many 64 px samples each image was picked from."""
+    d2 = tmp_path / "dalle2_rerank"
+    shutil.copytree(dirs["dalle2_no_vision"], d2)
+    (d2 / "imagen_lite_defaults.json").write_text(json.dumps({"num_inference_steps": [2, 2, 2],
+                                                               "guidance_scale": [2.0, 2.0, 1.0], "decoder_candidates": 2}))
+    r = compare("a red circle", models={"imagen": dirs["imagen"], "dalle2": str(d2)}, seeds=(0,), size=16,
+                device="cpu", clip=None, progress=False, imagen={"num_inference_steps": 2})  # fmt: skip
+    assert r.summary["dalle2"]["candidates"] == 2 and r.summary["imagen"]["candidates"] == 1
+    assert "| 64 px samples per image (best kept) | 1 | 2 |" in r.markdown()
+    got = imagen_lite.generate("a red circle", pipeline="dalle2", model=str(d2), seed=0, size=16, device="cpu")
+    assert np.array_equal(np.asarray(got[0]), np.asarray(r.images[("dalle2", 0, 0)]))
 
 
 def test_imagen_sr_strength_is_passed_and_reported(models):

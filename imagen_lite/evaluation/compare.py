@@ -463,6 +463,8 @@ class ComparisonReport:
             row("guided steps (fraction)", lambda s: " / ".join(f"[{a:g}, {b:g})" for a, b in s.get("guidance_interval", {}).values()))
         if any(self.summary[p].get("sr_strength") is not None for p in cols):
             row("SR strength (img2img start)", lambda s: "-" if s.get("sr_strength") is None else s["sr_strength"])
+        if any(self.summary[p].get("candidates", 1) > 1 for p in cols):
+            row("64 px samples per image (best kept)", lambda s: s.get("candidates", 1))
         row("median s / image", lambda s: s["median_seconds_per_image"])
         row("peak memory (MB)", lambda s: s["peak_memory_mb"])
         if self.shapes.get("applies"):
@@ -782,6 +784,8 @@ def compare(
             "guidance_interval": dict(zip(stages, per_stage_intervals(s.get("guidance_interval", (0.0, 1.0)), stages))),
             # an Imagen SR's start: imagen's, and a dalle2 model's with an Imagen-style SR (its saved defaults)
             "sr_strength": s.get("sr_strength") if n_stages > 1 else None,
+            # a dalle2 default's re-ranking (twenty-ninth session): samples drawn per image kept
+            "candidates": int(s.get("decoder_candidates", 1)),
             "load_seconds": _r(load_seconds, 4),
             "median_seconds_per_image": _r(statistics.median(seconds), 4),
             "median_stage_seconds": {k: _r(statistics.median(v), 4) for k, v in stage_seconds.items()},
