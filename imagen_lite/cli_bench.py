@@ -88,6 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time this pipeline directory instead of the family's embedded default")  # fmt: skip
     g.add_argument("--latency-sr-strength", type=float, nargs="+", default=[], metavar="S",
                    help="add Imagen rows at these SR strengths, timed side by side with the defaults")
+    g.add_argument("--latency-decoder-candidates", type=_positive_int, nargs="+", default=[], metavar="K",
+                   help="add DALL-E 2 rows at these decoder_candidates (re-ranked samples), timed side by side")
     g.add_argument("--latency-families", nargs="+", default=["imagen", "dalle2"], choices=("imagen", "dalle2"))
     g = p.add_argument_group("gpu")
     g.add_argument("--gpu-steps", type=_positive_int, default=10)
@@ -219,7 +221,8 @@ def latency_section(args) -> list[dict]:
         models[family] = directory
     _log(f"[latency] {args.latency_size} px: {models} ...")
     return B.bench_latency(models, size=args.latency_size, rounds=args.rounds, warmup=args.warmup,
-                           imagen_sr_strengths=args.latency_sr_strength)
+                           imagen_sr_strengths=args.latency_sr_strength,
+                           dalle2_candidates=args.latency_decoder_candidates)
 
 
 def run(args, unclip_reference: Callable | tuple | None | str = "checkout", out=None) -> dict:

@@ -254,6 +254,25 @@ def test_bench_latency_times_generate_with_the_models_defaults(tiny_dir, capsys)
         run(build_parser().parse_args(["--sections", "latency", "--latency-model", "sd=x", *FAST]), unclip_reference=None)
 
 
+
+def test_bench_latency_times_dalle2_decoder_candidates_side_by_side(tmp_path, capsys):
+    """--latency-decoder-candidates adds DALL-E 2 rows at those k, each timed in the same rounds;
+    the model's own row says its saved k."""
+    from imagen_lite.pipelines.unclip import build_tiny_unclip
+
+    d = tmp_path / "d2"
+    build_tiny_unclip().save_pretrained(d, safe_serialization=True)
+    (d / "imagen_lite_defaults.json").write_text(json.dumps({"num_inference_steps": [2, 2, 2],
+                                                              "guidance_scale": [2.0, 2.0, 1.0], "decoder_candidates": 2}))
+    args = build_parser().parse_args(["--sections", "latency", "--latency-families", "dalle2", "--latency-model",
+                                      f"dalle2={d}", "--latency-size", "16", "--latency-decoder-candidates", "1", "3",
+                                      *FAST])  # fmt: skip
+    rows = run(args, unclip_reference=None)["latency"]
+    assert [r["candidates"] for r in rows] == [2, 1, 3] and all(r["wall_s"] > 0 for r in rows)
+    assert "64 px samples / image" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="needs the dalle2 family"):
+        B.bench_latency({"imagen": None}, dalle2_candidates=(2,))
+
 def test_sampling_compare_times_compiled_imagen_lite_against_eager_diffusers():
     """--compile: imagen-lite runs compiled copies (the eager backend here: the plumbing, not
     inductor's minutes of codegen) of the very weights diffusers runs eagerly; both sides' steps

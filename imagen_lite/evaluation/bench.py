@@ -666,29 +666,36 @@ def bench_quality(
 
 LATENCY_COLUMNS = [
     ("family", "family"), ("model", "model"), ("px", "px"), ("steps", "steps per stage"), ("guidance", "guidance"),
-    ("sr_strength", "SR strength"), ("wall_s", "wall s (median)"), ("wall_min", "min"), ("wall_max", "max"), ("cpu_s", "CPU s"), ("rounds", "rounds"),
+    ("sr_strength", "SR strength"), ("candidates", "64 px samples / image"), ("wall_s", "wall s (median)"), ("wall_min", "min"), ("wall_max", "max"), ("cpu_s", "CPU s"), ("rounds", "rounds"),
     ("target", "<= 5 s"),
 ]  # fmt: skip
 
 
 def bench_latency(models: dict[str, str | None], size: int = 256, rounds: int = 5, warmup: int = 1,
                   prompt: str = "a red circle above a blue square", target_s: float = 5.0,
-                  imagen_sr_strengths=()) -> list[dict]:
+                  imagen_sr_strengths=(), dalle2_candidates=()) -> list[dict]:
     """Wall seconds of one ``generate()`` (one image, float32, CPU) per family at ``size`` px with
     each model's own generation defaults -- issue #10's "a 256 px image in <= 5 s" figure.
 
     ``models`` maps a family ("imagen"/"dalle2") to a pipeline directory, or None for the
     embedded default. ``imagen_sr_strengths`` adds one Imagen row per SR strength given (the
     same model, ``generate(..., sr_strength=s)``), timed in the same interleaved rounds, so
-    their ratios are side by side. The rows run interleaved, each call with a new seed;
+    their ratios are side by side; ``dalle2_candidates`` likewise adds DALL-E 2 rows at those
+    ``decoder_candidates`` (64 px samples per image, re-ranked). The rows run interleaved, each call with a new seed;
     loading (and the warm-up call) are outside the timing."""
     from ..api import generate, load_pipeline
 
     strengths = [float(s) for s in imagen_sr_strengths]
     if strengths and "imagen" not in models:
         raise ValueError(f"imagen_sr_strengths={tuple(imagen_sr_strengths)!r} needs the imagen family in models")
+    ks = list(dalle2_candidates)
+    if ks and "dalle2" not in models:
+        raise ValueError(f"dalle2_candidates={tuple(dalle2_candidates)!r} needs the dalle2 family in models")
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"dalle2_candidates={tuple(dalle2_candidates)!r} must be positive integers")
     variants = [(family, family, {}) for family in models]
     variants += [(f"imagen sr_strength={s:g}", "imagen", {"sr_strength": s}) for s in strengths]
+    variants += [(f"dalle2 decoder_candidates={k}", "dalle2", {"decoder_candidates": k}) for k in ks]
     pipes, calls = {}, {}
     for key, family, kwargs in variants:
         model = models[family]
@@ -714,7 +721,8 @@ def bench_latency(models: dict[str, str | None], size: int = 256, rounds: int = 
         rows.append({
             "family": family, "model": models[family] or "embedded default", "px": size,
             "steps": ",".join(str(k) for k in preset.num_inference_steps), "guidance": format_guidance(preset),
-            "sr_strength": "--" if sr is None else f"{sr:g}" + ("" if kwargs else " (model's)"),
+            "sr_strength": "--" if sr is None else f"{sr:g}" + ("" if "sr_strength" in kwargs else " (model's)"),
+            "candidates": kwargs.get("decoder_candidates", preset.extra.get("decoder_candidates") or 1) if family == "dalle2" else "--",
             "wall_s": wall, "wall_min": min(walls), "wall_max": max(walls), "cpu_s": median(m["cpu"] for m in measured),
             "rounds": len(measured), "target": "yes" if wall <= target_s else "no",
         })  # fmt: skip
