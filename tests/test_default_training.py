@@ -298,6 +298,16 @@ def test_ship_defaults_only_rewrites_the_generation_defaults_and_leaves_the_weig
     (tmp_path / "dalle2" / presets.DEFAULTS_FILE).write_text("{}")
     ship["main"](["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--text-guidance", "4", "--defaults-only"])
     assert json.loads((tmp_path / "dalle2" / presets.DEFAULTS_FILE).read_text())["text_guidance_scale"] == 4.0
+    d2 = ["--family", "dalle2", "--steps", "25,25,3", "--guidance", "2,2,1", "--defaults-only"]
+    ship["main"](d2 + ["--decoder-candidates", "2"])  # the re-ranking: recorded when above 1
+    assert json.loads((tmp_path / "dalle2" / presets.DEFAULTS_FILE).read_text())["decoder_candidates"] == 2
+    ship["main"](d2 + ["--decoder-candidates", "1"])
+    assert "decoder_candidates" not in json.loads((tmp_path / "dalle2" / presets.DEFAULTS_FILE).read_text())
+    for bad, why in ((argv + ["--decoder-candidates", "2"], "--decoder-candidates 2 applies to --family dalle2 only"),
+                     (d2 + ["--decoder-candidates", "0"], "--decoder-candidates 0: a positive number of samples")):
+        with pytest.raises(SystemExit) as exit_info:
+            ship["main"](bad)
+        assert exit_info.value.code == 2 and why in capsys.readouterr().err
     ship["main"](argv + ["--denoising-end", "0.76"])  # the base's early stop: recorded only when given
     assert json.loads((shipped / presets.DEFAULTS_FILE).read_text())["denoising_end"] == 0.76
     for bad, why in ((["--denoising-end", "1.5"], "--denoising-end 1.5: denoising_end=1.5 must be a number in (0, 1]"),
