@@ -169,13 +169,19 @@ def eval_shapes(args: argparse.Namespace) -> int:
 
 
 def _load_result(path: str) -> dict:
-    """One ``eval shapes --out`` JSON; a missing or malformed file is an error naming it (the main
-    CLI prints it as one line and exits 2)."""
+    """One ``eval shapes --out`` JSON, or that file gzipped (``.gz``: how ``docs/evals`` keeps the
+    records later sessions pair against); a missing or malformed file is an error naming it (the
+    main CLI prints it as one line and exits 2)."""
+    import gzip
+
     try:
+        if str(path).endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return json.loads(f.read())
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"eval paired: no such file {path!r} (pass two 'eval shapes --out' JSON files)") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, OSError, EOFError) as err:  # OSError: a .gz that is not gzip
         raise ValueError(f"eval paired: {path!r} is not JSON ({err})") from None
 
 

@@ -689,7 +689,16 @@ def test_cli_eval_paired(tmp_path, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "| **all** | **10** | **10** | **0** |" in out and "z +3.2" in out
+    import gzip
+
+    (tmp_path / "b.json.gz").write_bytes(gzip.compress((tmp_path / "b.json").read_bytes()))  # docs/evals keeps them gzipped
+    args = _parser().parse_args(["eval", "paired", str(tmp_path / "a.json"), str(tmp_path / "b.json.gz")])
+    assert args.func(args) == 0 and capsys.readouterr().out == out.replace("b.json", "b.json.gz")
     from imagen_lite.cli import main  # user errors: one line on stderr, exit status 2
+
+    (tmp_path / "bad.json.gz").write_text("not gzip")
+    assert main(["eval", "paired", str(tmp_path / "a.json"), str(tmp_path / "bad.json.gz")]) == 2
+    assert "is not JSON" in capsys.readouterr().err
 
     assert main(["eval", "paired", str(tmp_path / "a.json"), str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
