@@ -371,7 +371,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 (:meth:`caption_error`: its x0 error at timesteps :data:`RERANK_TIMESTEPS`, given
                 the caption and the learned unconditional image embedding; lower is better).
                 1 (the default, as ``UnCLIPPipeline``): no re-ranking. k costs k prior and
-                decoder samples plus ``2 * len(RERANK_TIMESTEPS)`` decoder passes per candidate.
+                decoder samples plus ``RERANK_DRAWS * len(RERANK_TIMESTEPS)`` (10) decoder passes per candidate.
                 Needs a decoder trained with ``image_embed_dropout`` (one that has learned the
                 caption alone); the embedded default's is (twenty-ninth session, model card).
             image_embeds: (B, D) CLIP image embeddings (e.g. from :func:`encode_images`), one per
