@@ -29,7 +29,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from imagen_lite import sampling
 from imagen_lite.api import generate, load_pipeline
@@ -43,13 +42,10 @@ def conditioner(pipe, family: str, prompts: list[str]):
     if family == "imagen":
         cond, null = pipe.encode_prompt(prompts, "cpu"), pipe.encode_prompt([""], "cpu").expand(n, -1, -1)
         return [dict(encoder_hidden_states=c) for c in (cond, null)]
-    proj = pipe.text_proj
-    learned = proj.learned_classifier_free_guidance_embeddings.unsqueeze(0).expand(n, -1)
+    learned = pipe.text_proj.learned_classifier_free_guidance_embeddings.unsqueeze(0).expand(n, -1)
     out = []
     for text in (pipe.encode_prompt(prompts, "cpu"), pipe.encode_prompt([""] * n, "cpu")):
-        context, temb = proj(image_embeddings=learned, prompt_embeds=text.text_embeds,
-                             text_encoder_hidden_states=text.hidden_states, do_classifier_free_guidance=False)  # fmt: skip
-        mask = F.pad(text.mask, (proj.config.clip_extra_context_tokens, 0), value=True)
+        context, temb, mask = pipe.decoder_context(learned, text)
         out.append(dict(encoder_hidden_states=context, class_labels=temb, attention_mask=mask))
     return out
 

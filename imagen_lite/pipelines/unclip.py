@@ -261,6 +261,21 @@ class UnCLIPLitePipeline(DiffusionPipeline):
         out = self.text_encoder(inputs.input_ids.to(device))
         return CLIPTextEmbeds(out.text_embeds, out.last_hidden_state, inputs.attention_mask.bool().to(device))
 
+    # ------------------------------------------------------------------ decoder conditioning
+    def decoder_context(self, image_embeddings: torch.Tensor, text: CLIPTextEmbeds, cfg: bool = False):
+        """``text_proj`` of CLIP image embeddings and text rows -> the decoder's
+        ``(encoder_hidden_states, class_labels, attention_mask)`` in its dtype; ``cfg``: ``text``
+        holds [uncond, cond] rows and the learned unconditional image embedding goes with the
+        first half (``UnCLIPTextProjModel``'s ``do_classifier_free_guidance``). The mask covers
+        the extra image tokens too. Shared by the sampling loop and :meth:`caption_error`."""
+        proj, dtype = self.text_proj, self.decoder.dtype
+        context, time_embeddings = proj(
+            image_embeddings=image_embeddings.to(proj.dtype), prompt_embeds=text.text_embeds.to(proj.dtype),
+            text_encoder_hidden_states=text.hidden_states.to(proj.dtype), do_classifier_free_guidance=cfg,
+        )  # fmt: skip
+        mask = F.pad(text.mask, (proj.config.clip_extra_context_tokens, 0), value=True)  # the image tokens
+        return context.to(dtype), time_embeddings.to(dtype), mask
+
     # ------------------------------------------------------------------ re-ranking
     @torch.no_grad()
     def caption_error(self, images: torch.Tensor, text: CLIPTextEmbeds, generator: torch.Generator | None = None,
@@ -294,12 +309,7 @@ class UnCLIPLitePipeline(DiffusionPipeline):
             raise ValueError(f"caption_error takes (N, 3, {side * r}, {side * r}) images and N caption rows; got "
                              f"{tuple(images.shape)} and {text.text_embeds.shape[0]} rows")  # fmt: skip
         learned = proj.learned_classifier_free_guidance_embeddings.unsqueeze(0).expand(n, -1)
-        context, time_embeddings = proj(
-            image_embeddings=learned, prompt_embeds=text.text_embeds.to(proj.dtype),
-            text_encoder_hidden_states=text.hidden_states.to(proj.dtype), do_classifier_free_guidance=False,
-        )  # fmt: skip
-        context, time_embeddings = context.to(decoder.dtype), time_embeddings.to(decoder.dtype)
-        mask = F.pad(text.mask, (proj.config.clip_extra_context_tokens, 0), value=True)
+        context, time_embeddings, mask = self.decoder_context(learned, text)
         x0 = sampling.pixel_unshuffle(images.to(decoder.dtype), r)
         grid = sampling.coordinate_grid(n, side, device, decoder.dtype) if coords else None
         alphas = scheduler.alphas_cumprod
@@ -552,17 +562,9 @@ class UnCLIPLitePipeline(DiffusionPipeline):
                 u, c = (CLIPTextEmbeds(*(x[i * n:(i + 1) * n] for x in text)) for i in (0, 1))
                 text = CLIPTextEmbeds(*(torch.cat([a, b, b]) for a, b in zip(u, c)))
                 z = torch.cat([learned, learned, image_embeds.to(proj.dtype)])
-                context, time_embeddings = proj(
-                    image_embeddings=z, prompt_embeds=text.text_embeds, text_encoder_hidden_states=text.hidden_states,
-                    do_classifier_free_guidance=False,
-                )  # fmt: skip
+                context, time_embeddings, mask = self.decoder_context(z, text)
             else:
-                context, time_embeddings = proj(
-                    image_embeddings=image_embeds.to(proj.dtype), prompt_embeds=text.text_embeds,
-                    text_encoder_hidden_states=text.hidden_states, do_classifier_free_guidance=cfg_decoder,
-                )  # fmt: skip
-            context, time_embeddings = context.to(decoder.dtype), time_embeddings.to(decoder.dtype)
-            mask = F.pad(text.mask, (proj.config.clip_extra_context_tokens, 0), value=True)  # the image tokens
+                context, time_embeddings, mask = self.decoder_context(image_embeds, text, cfg=cfg_decoder)
             scheduler.set_timesteps(steps[1], device=device)
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(0)
